@@ -1,0 +1,79 @@
+"""Build the discovery chain from source names: adding a source is one entry in FACTORIES."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from corral.endpoint import DEFAULT_RPC_PORT
+from corral.model import SourceName
+from corral.rpc.probe import Prober
+from corral.sources.base import Source
+from corral.sources.file import FileSource
+from corral.sources.process import ProcessSource
+from corral.sources.scan import ScanSource
+
+DEFAULT_ORDER = (SourceName.PROCESS, SourceName.FILE, SourceName.SCAN)
+
+
+class ChainError(ValueError):
+    pass
+
+
+@dataclass
+class ChainOptions:
+    backends_file: str | None = None
+    cidrs: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=lambda: [DEFAULT_RPC_PORT])
+    scan_timeout: float = 0.4
+    include_loopback: bool = False
+    allow_large: bool = False
+    concurrency: int = 500
+
+
+def _scan(o: ChainOptions, prober: Prober) -> Source:
+    scan_prober = Prober(
+        timeout=o.scan_timeout,
+        client_major=prober.client_major,
+        client_minor=prober.client_minor,
+        host_up_means_busy=False,
+    )
+    return ScanSource(
+        cidrs=o.cidrs,
+        ports=o.ports,
+        timeout=o.scan_timeout,
+        include_loopback=o.include_loopback,
+        allow_large=o.allow_large,
+        concurrency=o.concurrency,
+        prober=scan_prober,
+    )
+
+
+FACTORIES: dict[SourceName, Callable[[ChainOptions, Prober], Source]] = {
+    SourceName.PROCESS: lambda o, p: ProcessSource(),
+    SourceName.FILE: lambda o, p: FileSource(o.backends_file),
+    SourceName.SCAN: _scan,
+}
+
+
+def parse_source_names(text: str | None) -> list[SourceName]:
+    if not text:
+        return list(DEFAULT_ORDER)
+    names: list[SourceName] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        try:
+            name = SourceName(item)
+        except ValueError:
+            known = ", ".join(s.value for s in FACTORIES)
+            raise ChainError(f"--sources: unknown source {item!r} (known: {known})") from None
+        if name not in FACTORIES:
+            raise ChainError(f"--sources: source {item!r} is not available in this build")
+        if name in names:
+            raise ChainError(f"--sources: {item!r} given twice")
+        names.append(name)
+    return names
+
+
+def build_chain(names: list[SourceName], options: ChainOptions, prober: Prober) -> list[Source]:
+    return [FACTORIES[name](options, prober) for name in names]

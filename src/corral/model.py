@@ -1,0 +1,84 @@
+"""The typed values that flow between rooms: statuses, probe results, sightings, backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from corral.endpoint import Endpoint
+
+
+class Status(StrEnum):
+    READY = "ready"
+    BUSY = "busy"
+    OFFLINE = "offline"
+    INCOMPATIBLE = "incompatible"
+    NOT_RPC = "not-rpc"
+
+
+class SourceName(StrEnum):
+    """Every source Corral knows, in the default priority order."""
+
+    PROCESS = "process"
+    FILE = "file"
+    REGISTRY = "registry"
+    MDNS = "mdns"
+    SCAN = "scan"
+    CACHE = "cache"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    index: int
+    free_bytes: int
+    total_bytes: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"index": self.index, "free_bytes": self.free_bytes, "total_bytes": self.total_bytes}
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    endpoint: Endpoint
+    status: Status
+    version: str | None = None
+    devices: tuple[Device, ...] = ()
+    latency_ms: float | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """Source S saw endpoint E; `detail` says how (file:line, pid, ...)."""
+
+    endpoint: Endpoint
+    source: SourceName
+    detail: str = ""
+
+
+@dataclass(slots=True)
+class Backend:
+    """One endpoint as the whole chain sees it: every source that saw it, and its live status."""
+
+    endpoint: Endpoint
+    sources: list[SourceName] = field(default_factory=list)
+    probe: ProbeResult | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` contract: exactly these keys, these types."""
+        p = self.probe
+        return {
+            "host": self.endpoint.host,
+            "port": self.endpoint.port,
+            "status": str(p.status) if p else str(Status.OFFLINE),
+            "version": p.version if p else None,
+            "devices": [d.to_json() for d in p.devices] if p else [],
+            "latency_ms": round(p.latency_ms, 3) if p and p.latency_ms is not None else None,
+            "sources": [str(s) for s in self.sources],
+            "error": (p.error if p else "not probed"),
+        }
+
+
+def result_to_json(result: ProbeResult, sources: list[SourceName]) -> dict[str, Any]:
+    return Backend(result.endpoint, list(sources), result).to_json()

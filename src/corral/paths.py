@@ -1,0 +1,16 @@
+"""Where Corral keeps things on this machine (XDG directories via platformdirs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or platformdirs.user_cache_dir()) / "corral"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME") or platformdirs.user_state_dir()) / "corral"

@@ -1,0 +1,1 @@
+"""Discovery sources, one module each; each yields sightings through the endpoint gate."""
