@@ -1,0 +1,1 @@
+"""State that outlives a command: registrations, the last known view, events (embedded or Redis)."""
