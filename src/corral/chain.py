@@ -9,11 +9,22 @@ from corral.endpoint import DEFAULT_RPC_PORT
 from corral.model import SourceName
 from corral.rpc.probe import Prober
 from corral.sources.base import Source
+from corral.sources.cache import CacheSource
 from corral.sources.file import FileSource
+from corral.sources.mdns import MdnsSource
 from corral.sources.process import ProcessSource
+from corral.sources.registry import RegistrySource
 from corral.sources.scan import ScanSource
+from corral.store.base import Store
 
-DEFAULT_ORDER = (SourceName.PROCESS, SourceName.FILE, SourceName.SCAN)
+DEFAULT_ORDER = (
+    SourceName.PROCESS,
+    SourceName.FILE,
+    SourceName.REGISTRY,
+    SourceName.MDNS,
+    SourceName.SCAN,
+    SourceName.CACHE,
+)
 
 
 class ChainError(ValueError):
@@ -29,6 +40,8 @@ class ChainOptions:
     include_loopback: bool = False
     allow_large: bool = False
     concurrency: int = 500
+    mdns_seconds: float = 1.5
+    store: Store | None = None
 
 
 def _scan(o: ChainOptions, prober: Prober) -> Source:
@@ -49,10 +62,19 @@ def _scan(o: ChainOptions, prober: Prober) -> Source:
     )
 
 
+def _needs_store(o: ChainOptions, name: SourceName) -> Store:
+    if o.store is None:
+        raise ChainError(f"source {name} needs a store")
+    return o.store
+
+
 FACTORIES: dict[SourceName, Callable[[ChainOptions, Prober], Source]] = {
     SourceName.PROCESS: lambda o, p: ProcessSource(),
     SourceName.FILE: lambda o, p: FileSource(o.backends_file),
+    SourceName.REGISTRY: lambda o, p: RegistrySource(_needs_store(o, SourceName.REGISTRY)),
+    SourceName.MDNS: lambda o, p: MdnsSource(o.mdns_seconds),
     SourceName.SCAN: _scan,
+    SourceName.CACHE: lambda o, p: CacheSource(_needs_store(o, SourceName.CACHE)),
 }
 
 
@@ -76,4 +98,10 @@ def parse_source_names(text: str | None) -> list[SourceName]:
 
 
 def build_chain(names: list[SourceName], options: ChainOptions, prober: Prober) -> list[Source]:
-    return [FACTORIES[name](options, prober) for name in names]
+    """Sources that need a store are left out when there is none (said by the caller)."""
+    needs_store = {SourceName.REGISTRY, SourceName.CACHE}
+    return [
+        FACTORIES[name](options, prober)
+        for name in names
+        if options.store is not None or name not in needs_store
+    ]

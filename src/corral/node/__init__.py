@@ -1,0 +1,1 @@
+"""The node agent: runs beside ggml-rpc-server on each backend machine."""

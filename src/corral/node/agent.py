@@ -1,0 +1,222 @@
+"""`corral node`: supervise (or attach to) the ggml-rpc-server beside it and announce it.
+
+Every heartbeat the agent looks at the backend locally (process alive, the connected client),
+probes its own address only while no client holds it (a held backend answers nobody else), and
+publishes a registration: to the store (Redis or embedded), over HTTP to a dashboard when asked,
+and on the local network by mDNS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.endpoint import Endpoint
+from corral.llama.binaries import LlamaBinaries
+from corral.mdns import MdnsAnnouncer, encode_txt
+from corral.model import Device, Status
+from corral.node.local import LocalView, find_listener, inspect
+from corral.rpc.probe import Prober
+from corral.store.base import (
+    DEFAULT_HEARTBEAT_S,
+    Event,
+    EventKind,
+    NodeRegistration,
+    Store,
+)
+from corral.supervisor import Child, rpc_server_argv
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[NodeRegistration], Awaitable[None]]
+
+
+@dataclass
+class NodeConfig:
+    endpoint: Endpoint
+    node_id: str
+    log_dir: Path
+    attach: bool = False
+    threads: int | None = None
+    devices: str | None = None
+    cache: bool = False
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S
+    mdns: bool = True
+    max_backoff_s: float = 30.0
+
+
+def restart_delay(failures: int, max_s: float) -> float:
+    """Pure: exponential backoff for crash restarts: 0.5, 1, 2, ... capped."""
+    return float(min(max_s, 0.5 * (2 ** max(0, failures - 1))))
+
+
+@dataclass
+class NodeAgent:
+    config: NodeConfig
+    binaries: LlamaBinaries | None
+    store: Store | None
+    extra_publishers: list[Publish] = field(default_factory=list)
+    prober: Prober = field(default_factory=lambda: Prober(timeout=1.0))
+    child: Child | None = field(default=None, init=False)
+    restarts: int = field(default=0, init=False)
+    _pid: int | None = field(default=None, init=False)
+    _failures: int = field(default=0, init=False)
+    _next_start: float = field(default=0.0, init=False)
+    _version: str | None = field(default=None, init=False)
+    _devices: tuple[Device, ...] = field(default=(), init=False)
+    _announcer: MdnsAnnouncer | None = field(default=None, init=False)
+    last: NodeRegistration | None = field(default=None, init=False)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._begin()
+            while not stop.is_set():
+                await self.beat()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
+        finally:
+            await self._end()
+
+    async def _begin(self) -> None:
+        ep = self.config.endpoint
+        if self.config.attach:
+            self._pid = await asyncio.to_thread(find_listener, ep.port, ep.host)
+            if self._pid is None:
+                log.warning("node: no ggml-rpc-server listens on %s yet; will keep looking", ep)
+        else:
+            await self._start_child()
+        if self.config.mdns:
+            try:
+                self._announcer = MdnsAnnouncer(
+                    ep, f"corral-{self.config.node_id[:8]}-{ep.port}", ep.host if ep.is_ip else None
+                )
+            except OSError as exc:
+                log.warning("node: mDNS unavailable (%s); announcing through the store only", exc)
+
+    async def _start_child(self) -> None:
+        if self.binaries is None:
+            raise RuntimeError("node: no ggml-rpc-server binary to start")
+        ep = self.config.endpoint
+        self.child = Child(
+            rpc_server_argv(
+                self.binaries.rpc_server,
+                ep.host,
+                ep.port,
+                threads=self.config.threads,
+                cache=self.config.cache,
+                devices=self.config.devices,
+            ),
+            self.config.log_dir / f"ggml-rpc-server-{ep.host}-{ep.port}.log",
+        )
+        await self.child.start()
+        self._pid = self.child.pid
+
+    async def _supervise(self) -> None:
+        """Restart a crashed backend, with backoff so a crash loop does not spin."""
+        if self.config.attach:
+            if self._pid is None or not (await self._view()).alive:
+                ep = self.config.endpoint
+                self._pid = await asyncio.to_thread(find_listener, ep.port, ep.host)
+            return
+        child = self.child
+        if child is None or child.returncode is None:
+            return
+        now = time.monotonic()
+        if self._next_start == 0.0:
+            self._failures += 1
+            delay = restart_delay(self._failures, self.config.max_backoff_s)
+            self._next_start = now + delay
+            await self._event(
+                EventKind.WARNING,
+                f"ggml-rpc-server on {self.config.endpoint} exited with {child.returncode};"
+                f" restarting in {delay:.1f}s",
+            )
+        if now >= self._next_start:
+            self._next_start = 0.0
+            await self._start_child()
+            self.restarts += 1
+
+    async def _view(self) -> LocalView:
+        return await asyncio.to_thread(inspect, self._pid, self.config.endpoint.port)
+
+    async def beat(self) -> NodeRegistration:
+        await self._supervise()
+        view = await self._view()
+        status, error_client = await self._status(view)
+        if status is Status.READY and view.uptime_s > 60:
+            self._failures = 0  # healthy for a while: forget old crashes
+        reg = NodeRegistration(
+            node_id=self.config.node_id,
+            endpoint=self.config.endpoint,
+            hostname=socket.gethostname(),
+            status=status,
+            version=self._version,
+            devices=self._devices,
+            client=error_client,
+            uptime_s=view.uptime_s,
+            restarts=self.restarts,
+            heartbeat_s=self.config.heartbeat_s,
+        )
+        self.last = reg
+        await self._publish(reg)
+        return reg
+
+    async def _status(self, view: LocalView) -> tuple[Status, str | None]:
+        if not view.alive:
+            return Status.OFFLINE, None
+        if view.client is not None:
+            return Status.BUSY, view.client
+        result = await self.prober.probe(self.config.endpoint)
+        if result.status is Status.READY:
+            self._version, self._devices = result.version, result.devices
+        return result.status, None
+
+    async def _publish(self, reg: NodeRegistration) -> None:
+        if self.store is not None:
+            try:
+                await self.store.register_node(reg)
+            except Exception as exc:  # the store being down must not stop the heartbeat
+                log.warning("node: heartbeat to store failed: %s", exc)
+        for publish in self.extra_publishers:
+            try:
+                await publish(reg)
+            except Exception as exc:
+                log.warning("node: heartbeat publish failed: %s", exc)
+        if self._announcer is not None:
+            devices = json.dumps([[d.index, d.free_bytes, d.total_bytes] for d in reg.devices])
+            txt = encode_txt(
+                {
+                    "version": reg.version,
+                    "node_id": reg.node_id,
+                    "status": str(reg.status),
+                    "client": reg.client,
+                    "devices": devices,
+                }
+            )
+            try:
+                await self._announcer.update(txt)
+            except Exception as exc:
+                log.warning("node: mDNS announce failed: %s", exc)
+
+    async def _event(self, kind: EventKind, message: str) -> None:
+        log.warning("%s", message)
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.add_event(Event(kind, message, self.config.endpoint))
+
+    async def _end(self) -> None:
+        if self._announcer is not None:
+            with contextlib.suppress(Exception):
+                await self._announcer.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.unregister_node(self.config.node_id)
+        if self.child is not None:
+            await self.child.stop()

@@ -1,0 +1,39 @@
+"""Source `registry`: backends whose node agents heartbeat into the store.
+
+A node knows what the network cannot: a backend held by a coordinator is `busy` with that
+client's address (not `offline`), so the registration's status is handed on as the probe result
+for held backends. Free backends are probed fresh by the discovery like any other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from corral.model import ProbeResult, Sighting, SourceName, Status
+from corral.sources.base import SourceReport
+from corral.store.base import Store
+
+
+@dataclass
+class RegistrySource:
+    store: Store
+    name: SourceName = field(default=SourceName.REGISTRY, init=False)
+
+    async def collect(self) -> SourceReport:
+        report = SourceReport(self.name)
+        nodes = await self.store.live_nodes()
+        report.warnings.extend(self.store.warnings)
+        self.store.warnings.clear()
+        for reg in nodes:
+            report.sightings.append(
+                Sighting(reg.endpoint, self.name, f"node {reg.node_id} on {reg.hostname}")
+            )
+            if reg.status is Status.BUSY and reg.client:
+                report.probes[str(reg.endpoint)] = ProbeResult(
+                    reg.endpoint,
+                    Status.BUSY,
+                    version=reg.version,
+                    devices=reg.devices,
+                    error=f"in use by {reg.client} (reported by its node)",
+                )
+        return report
