@@ -6,13 +6,16 @@ ESTABLISHED connection on its listening port *is* the coordinator holding it.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from corral.endpoint import Endpoint
 from corral.llama.binaries import RPC_SERVER_NAMES
+from corral.net.neighbours import local_addresses
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +84,27 @@ def node_id(state_dir: Path, host: str, port: int) -> str:
     tmp.write_text(value + "\n")
     tmp.replace(path)
     return value
+
+
+def local_listener_state(endpoint: Endpoint) -> bool | None:
+    """For a backend on this machine: is something still listening on it? None if not local.
+
+    Lets a monitor watch a backend the coordinator holds without opening a connection to it.
+    Blocking (reads /proc): call from a thread.
+    """
+    try:
+        addr = ipaddress.ip_address(endpoint.host)
+    except ValueError:
+        return None
+    mine = addr.is_loopback or endpoint.host in local_addresses()
+    if not mine:
+        return None
+    for conn in psutil.net_connections(kind="tcp"):
+        if (
+            conn.status == psutil.CONN_LISTEN
+            and conn.laddr
+            and conn.laddr.port == endpoint.port
+            and conn.laddr.ip in (endpoint.host, "0.0.0.0", "::")
+        ):
+            return True
+    return False

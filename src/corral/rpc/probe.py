@@ -42,10 +42,27 @@ class Prober:
     # of a whole LAN must not call every firewalled host "busy", so it turns this off and relies
     # on having seen the endpoint busy before.
     host_up_means_busy: bool = True
+    # Endpoints a coordinator holds: never connect to them (they serve one client, and queued
+    # connections only delay that client). Shared with whoever knows the coordinator's set.
+    held: set[Endpoint] = field(default_factory=set)
     # Endpoint -> monotonic time it was last seen busy. Per prober, not global.
     _busy_seen: dict[Endpoint, float] = field(default_factory=dict)
+    # At most one probe of an endpoint at a time: a second caller joins the first.
+    _inflight: dict[Endpoint, asyncio.Task[ProbeResult]] = field(default_factory=dict)
 
     async def probe(self, endpoint: Endpoint) -> ProbeResult:
+        if endpoint in self.held:
+            return ProbeResult(
+                endpoint, Status.BUSY, error="in use by the coordinator (not probed)"
+            )
+        task = self._inflight.get(endpoint)
+        if task is None:
+            task = asyncio.ensure_future(self._probe(endpoint))
+            self._inflight[endpoint] = task
+            task.add_done_callback(lambda _: self._inflight.pop(endpoint, None))
+        return await asyncio.shield(task)
+
+    async def _probe(self, endpoint: Endpoint) -> ProbeResult:
         start = time.monotonic()
         deadline = start + self.timeout
         try:

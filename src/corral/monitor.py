@@ -1,0 +1,227 @@
+"""The background loop that keeps the store true.
+
+- every `recheck_s` it re-checks each known backend: a fresh probe for the free ones; for the
+  ones the coordinator holds, no connection at all (they serve one client): a local backend is
+  checked by its listening socket, a remote one by its node's heartbeat;
+- every `discover_s` (or on demand) it runs the whole discovery chain;
+- it writes what it learns to the store as BackendRecords, with an event for every backend that
+  appears, changes status or disappears. Everything that shows reads from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from corral.discovery import Discovery
+from corral.endpoint import Endpoint
+from corral.model import Backend, ProbeResult, SourceName, Status
+from corral.node.local import local_listener_state
+from corral.rpc.probe import Prober
+from corral.store.base import BackendRecord, Event, EventKind, Store
+
+log = logging.getLogger(__name__)
+
+ANSWERED = frozenset({Status.READY, Status.BUSY, Status.INCOMPATIBLE, Status.NOT_RPC})
+
+
+def next_record(
+    old: BackendRecord | None,
+    result: ProbeResult,
+    sources: tuple[SourceName, ...] | None,
+    in_use: bool,
+    now: float,
+) -> BackendRecord:
+    """Pure: the new view of one backend from the old one and a fresh observation."""
+    return BackendRecord(
+        endpoint=result.endpoint,
+        status=result.status,
+        version=result.version or (old.version if old and result.status is Status.BUSY else None),
+        devices=result.devices or (old.devices if old and result.status is Status.BUSY else ()),
+        sources=sources if sources is not None else (old.sources if old else ()),
+        latency_ms=result.latency_ms,
+        error=result.error,
+        first_seen=old.first_seen if old else now,
+        last_seen=now if result.status in ANSWERED else (old.last_seen if old else now),
+        in_use=in_use,
+        client=old.client if old and in_use else None,
+    )
+
+
+def change_event(old: BackendRecord | None, new: BackendRecord) -> Event | None:
+    """Pure: the event a change of view deserves, if any."""
+    if old is None:
+        return Event(
+            EventKind.BACKEND_APPEARED,
+            f"{new.endpoint} appeared ({new.status}; sources: "
+            f"{','.join(map(str, new.sources)) or '-'})",
+            new.endpoint,
+            data={"status": str(new.status)},
+        )
+    if old.status is not new.status:
+        why = f": {new.error}" if new.error else ""
+        return Event(
+            EventKind.BACKEND_STATUS,
+            f"{new.endpoint} {old.status} -> {new.status}{why}",
+            new.endpoint,
+            data={"from": str(old.status), "to": str(new.status)},
+        )
+    return None
+
+
+@dataclass
+class MonitorStats:
+    scans: int = 0
+    rechecks: int = 0
+    last_scan_s: float = 0.0
+    probe_latencies_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Monitor:
+    store: Store
+    prober: Prober
+    make_discovery: Callable[[], Discovery]
+    recheck_s: float = 2.0
+    discover_s: float = 60.0
+    stats: MonitorStats = field(default_factory=MonitorStats)
+    _view: dict[Endpoint, BackendRecord] = field(default_factory=dict)
+    _rescan: asyncio.Event = field(default_factory=asyncio.Event)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def request_rescan(self) -> None:
+        self._rescan.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        for record in await self.store.backends():
+            self._view[record.endpoint] = record
+        tasks = [
+            asyncio.create_task(self._discover_loop(stop)),
+            asyncio.create_task(self._recheck_loop(stop)),
+        ]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    async def _discover_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.discover_once()
+            except Exception as exc:  # keep watching; say what failed
+                log.exception("monitor: discovery failed")
+                await self._event(Event(EventKind.WARNING, f"discovery failed: {exc}"))
+            self._rescan.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rescan.wait(), self.discover_s)
+
+    async def _recheck_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.recheck_once()
+            except Exception:
+                log.exception("monitor: recheck failed")
+            await asyncio.sleep(max(0.0, self.recheck_s - (time.monotonic() - started)))
+
+    async def _held(self) -> set[Endpoint]:
+        coord = await self.store.coordinator()
+        if coord is None or coord.state in ("stopped", "failed"):
+            return set()
+        return set(coord.backends)
+
+    async def discover_once(self) -> None:
+        held = await self._held()
+        self.prober.held.clear()
+        self.prober.held.update(held)
+        result = await self.make_discovery().run()
+        for w in result.warnings:
+            log.warning("%s", w)
+        self.stats.scans += 1
+        self.stats.last_scan_s = time.time()
+        seen = {b.endpoint for b in result.backends}
+        async with self._lock:
+            await self._apply(result.backends, held)
+            for ep in [e for e in self._view if e not in seen]:
+                old = self._view[ep]
+                if old.status is Status.OFFLINE and not old.in_use:
+                    del self._view[ep]
+                    await self.store.remove_backend(ep)
+                    await self._event(
+                        Event(EventKind.BACKEND_GONE, f"{ep} disappeared: no source sees it", ep)
+                    )
+
+    async def recheck_once(self) -> None:
+        held = await self._held()
+        self.prober.held.clear()
+        self.prober.held.update(held)
+        endpoints = list(self._view)
+        results = await asyncio.gather(*(self._observe(ep, held) for ep in endpoints))
+        self.stats.rechecks += 1
+        async with self._lock:
+            await self._apply(
+                [Backend(r.endpoint, [], r) for r in results if r.endpoint in self._view],
+                held,
+                keep_sources=True,
+            )
+
+    async def _observe(self, ep: Endpoint, held: set[Endpoint]) -> ProbeResult:
+        if ep not in held:
+            result = await self.prober.probe(ep)
+            if result.latency_ms is not None:
+                lat = self.stats.probe_latencies_ms
+                lat.append(result.latency_ms)
+                del lat[:-1000]
+            return result
+        # Held by the coordinator: never connect. Local: is it still listening?
+        listening = await asyncio.to_thread(local_listener_state, ep)
+        if listening is False:
+            return ProbeResult(ep, Status.OFFLINE, error="in use, but no longer listening")
+        for node in await self.store.live_nodes():
+            if node.endpoint == ep and node.status is Status.OFFLINE:
+                return ProbeResult(ep, Status.OFFLINE, error="its node reports it down")
+        old = self._view.get(ep)
+        return ProbeResult(
+            ep,
+            Status.BUSY,
+            version=old.version if old else None,
+            devices=old.devices if old else (),
+            error="in use by the coordinator",
+        )
+
+    async def _apply(
+        self, backends: list[Backend], held: set[Endpoint], keep_sources: bool = False
+    ) -> None:
+        now = time.time()
+        changed: list[BackendRecord] = []
+        for b in backends:
+            if b.probe is None:
+                continue
+            old = self._view.get(b.endpoint)
+            sources = None if keep_sources else tuple(b.sources)
+            new = next_record(old, b.probe, sources, b.endpoint in held, now)
+            if old is None or replace(old, last_seen=now) != replace(new, last_seen=now):
+                event = change_event(old, new)
+                if event is not None:
+                    await self._event(event)
+            self._view[b.endpoint] = new
+            changed.append(new)
+        if changed:
+            await self.store.put_backends(changed)
+
+    async def _event(self, event: Event) -> None:
+        try:
+            await self.store.add_event(event)
+        except Exception:
+            log.exception("monitor: could not record event")
+
+    def view(self) -> list[BackendRecord]:
+        return list(self._view.values())
