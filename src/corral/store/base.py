@@ -8,7 +8,6 @@ this boundary are the typed records below; implementations validate what they re
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -32,6 +31,7 @@ class EventKind(StrEnum):
     COORDINATOR_STOPPED = "coordinator_stopped"
     COORDINATOR_FAILED = "coordinator_failed"
     WARNING = "warning"
+    STORE_CAUGHT_UP = "store_caught_up"  # shared store reachable again, local view pushed
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +79,9 @@ class BackendRecord:
     last_seen: float = field(default_factory=time.time)
     in_use: bool = False
     client: str | None = None
+    # Not re-verified since this store was opened (loaded from disk or another machine's Redis
+    # write before we started); a fresh put clears it.
+    stale: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,12 +99,23 @@ class CoordinatorRecord:
     updated_at: float = field(default_factory=time.time)
 
 
+TOPICS = frozenset({"backends", "nodes", "coordinator", "events"})
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
     """A notification to subscribers: what kind of thing changed (and the event, if any)."""
 
     topic: str  # "backends", "nodes", "coordinator", "events"
     event: Event | None = None
+
+
+class Subscription(Protocol):
+    """Live from the moment `Store.subscribe` returns; ends when closed or the store closes."""
+
+    def __aiter__(self) -> Subscription: ...
+    async def __anext__(self) -> Change: ...
+    async def aclose(self) -> None: ...
 
 
 class Store(Protocol):
@@ -129,5 +143,8 @@ class Store(Protocol):
         """Most recent last."""
         ...
 
-    def subscribe(self) -> AsyncIterator[Change]: ...
+    async def subscribe(self) -> Subscription:
+        """Async so that no change made after it returns is missed."""
+        ...
+
     async def close(self) -> None: ...
