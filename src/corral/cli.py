@@ -7,14 +7,16 @@ binaries missing), 2 on bad usage or input, with the message on stderr.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from corral.chain import ChainError, ChainOptions, build_chain, parse_source_names
-from corral.discovery import Discovery
+from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import DEFAULT_RPC_PORT, Endpoint, EndpointError, parse_endpoint
 from corral.llama.binaries import BinariesNotFound, find_binaries
 from corral.model import Backend, SourceName
@@ -41,15 +43,32 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
+def _error(message: str) -> None:
+    # Escaped: messages quote user input such as "[fe80::1]:0", which rich would take for markup
+    # and swallow. Soft wrap: a message is one line, whatever the terminal width.
+    _stderr().print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _bad_input(message: str) -> NoReturn:
-    _stderr().print(f"[red]error:[/] {message}", highlight=False)
+    _error(message)
     raise typer.Exit(2)
 
 
 def _warn(messages: list[str]) -> None:
     err = _stderr()
     for m in messages:
-        err.print(f"[yellow]warning:[/] {m}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(m)}", highlight=False, soft_wrap=True)
+
+
+def _binaries_missing(exc: BinariesNotFound) -> NoReturn:
+    message = str(exc)
+    if os.environ.get("CORRAL_LLAMA_BIN_DIR"):
+        message += (
+            "; point CORRAL_LLAMA_BIN_DIR at the directory that holds them, or unset it to use "
+            "`corral llama install`'s build"
+        )
+    _error(message)
+    raise typer.Exit(1)
 
 
 def make_prober(timeout: float) -> Prober:
@@ -176,6 +195,9 @@ def backends(
     scan_timeout: Annotated[float, typer.Option(help="Per-address scan timeout.")] = 0.4,
     include_loopback: Annotated[bool, typer.Option(help="Scan loopback networks too.")] = False,
     allow_large: Annotated[bool, typer.Option(help="Allow networks larger than /16.")] = False,
+    redis: Annotated[
+        str | None, typer.Option(help="Redis URL (else CORRAL_REDIS_URL / SOLLOL_REDIS_URL).")
+    ] = None,
 ) -> None:
     """Every backend the whole discovery chain sees, with its sources and live status."""
     _check_timeout(timeout)
@@ -193,25 +215,64 @@ def backends(
         allow_large=allow_large,
     )
     prober = make_prober(timeout)
-    chain = build_chain(names, options, prober)
-    for src in chain:
+    for src in build_chain(names, options, prober):
         if isinstance(src, ScanSource):
             try:
                 src.networks()
             except ScanError as exc:
                 _bad_input(str(exc))
-    result = asyncio.run(Discovery(chain, prober).run())
+    console = _stdout()
+    try:
+        result = asyncio.run(_run_backends(names, options, prober, redis, json_out, console))
+    except ValueError as exc:  # a bad --redis URL
+        _bad_input(str(exc))
     _warn(result.warnings)
     if json_out:
         print(backends_json(result.backends))
         return
-    console = _stdout()
     print_backends(console, result.backends, "RPC backends")
     if result.deciding_source:
         chosen = ",".join(str(e) for e in result.chosen)
-        console.print(f"Coordinator set (from source '{result.deciding_source}'): {chosen}")
+        console.print(
+            f"Coordinator set (from source '{result.deciding_source}'): {escape(chosen)}",
+            soft_wrap=True,
+        )
     else:
         console.print("No live backend: nothing for a coordinator to use yet.")
+
+
+async def _run_backends(
+    names: list[SourceName],
+    options: ChainOptions,
+    prober: Prober,
+    redis_url: str | None,
+    json_out: bool,
+    console: Console,
+) -> DiscoveryResult:
+    """Show the last known view at once (stale), verify through the chain, remember it."""
+    from corral.monitor import Monitor
+    from corral.output import record_to_backend
+    from corral.paths import state_dir
+    from corral.store.factory import open_store
+
+    store = await open_store(redis_url, state_dir())
+    try:
+        options.store = store
+        monitor = Monitor(
+            store, prober, lambda: Discovery(build_chain(names, options, prober), prober)
+        )
+        last = await monitor.load()
+        if last and not json_out:
+            print_backends(
+                console,
+                [record_to_backend(r) for r in last],
+                "Last known view (stale; verifying now...)",
+            )
+        result = await monitor.discover_once()
+        result.warnings.extend(store.warnings)
+        return result
+    finally:
+        await store.close()
 
 
 @llama_app.command("install")
@@ -237,7 +298,7 @@ def llama_install() -> None:
         try:
             bin_dir = install(progress=report)
         except (BuildError, OSError) as exc:
-            _stderr().print(f"[red]error:[/] {exc}")
+            _error(str(exc))
             raise typer.Exit(1) from None
     print(bin_dir)
 
@@ -248,8 +309,7 @@ def llama_bin_dir() -> None:
     try:
         print(find_binaries().bin_dir)
     except BinariesNotFound as exc:
-        _stderr().print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        _binaries_missing(exc)
 
 
 @app.command()
@@ -262,10 +322,109 @@ def demo(
     try:
         binaries = find_binaries()
     except BinariesNotFound as exc:
-        _stderr().print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        _binaries_missing(exc)
     code = asyncio.run(run_demo(binaries, _stdout(), keep))
     raise typer.Exit(code)
+
+
+# --- coordinator and model commands (issue "Coordinator") ---------------------------------
+# The coordinator's commands live in their own module; here they are only registered.
+from corral.coordinator.commands import coordinator_app  # noqa: E402
+
+app.add_typer(coordinator_app, name="coordinator")
+model_app = typer.Typer(help="Models for tests and demos.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    path: Annotated[str, typer.Argument(help="Where to write the .gguf file.")],
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a tiny random-weight GGUF (~0.5 MB). It produces NONSENSE text: tests only."""
+    from pathlib import Path
+
+    try:
+        from corral.llama.tiny_model import write_tiny_model
+
+        out = write_tiny_model(Path(path), seed=seed)
+    except ImportError as exc:
+        _error(f"the tiny model needs the `gguf` package: {exc}")
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        _error(f"cannot write {path}: {exc}")
+        raise typer.Exit(1) from None
+    size_kib = out.stat().st_size / 1024
+    print(f"wrote {out} ({size_kib:.0f} KiB)")
+    print(
+        "note: its weights are random, so it produces nonsense text. It exercises the machinery "
+        "(offload over RPC, failover); it says nothing."
+    )
+
+
+# --- end of coordinator and model commands -------------------------------------------------
+
+
+# --- node agent (issue "Registry") ----------------------------------------------------------
+
+
+@app.command()
+def node(
+    host: Annotated[
+        str, typer.Option(help="Interface address the backend binds to.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Backend RPC port.")] = 50052,
+    attach: Annotated[
+        bool, typer.Option(help="Attach to a ggml-rpc-server already running on host:port.")
+    ] = False,
+    allow_any_address: Annotated[
+        bool, typer.Option(help="Allow binding 0.0.0.0 (the protocol has no authentication).")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="Backend threads (-t).")] = None,
+    devices: Annotated[str | None, typer.Option(help="Backend devices (-d DEV1,DEV2).")] = None,
+    cache: Annotated[bool, typer.Option(help="Backend local tensor cache (-c).")] = False,
+    heartbeat: Annotated[
+        float, typer.Option(min=0.1, max=60, help="Seconds between heartbeats.")
+    ] = 2.0,
+    mdns: Annotated[bool, typer.Option(help="Announce the backend by mDNS/DNS-SD.")] = True,
+    redis: Annotated[
+        str | None, typer.Option(help="Redis URL (else CORRAL_REDIS_URL / SOLLOL_REDIS_URL).")
+    ] = None,
+    register: Annotated[
+        str | None, typer.Option(help="Also register over HTTP with a dashboard at this URL.")
+    ] = None,
+) -> None:
+    """Run beside ggml-rpc-server: supervise or attach to it, heartbeat, announce."""
+    from corral.node.command import NodeOptions, NodeOptionsError, run_node
+
+    binaries = None
+    if not attach:
+        try:
+            binaries = find_binaries()
+        except BinariesNotFound as exc:
+            _binaries_missing(exc)
+    opts = NodeOptions(
+        host=host,
+        port=port,
+        attach=attach,
+        allow_any_address=allow_any_address,
+        threads=threads,
+        devices=devices,
+        cache=cache,
+        heartbeat_s=heartbeat,
+        mdns=mdns,
+        redis_url=redis,
+        register_url=register,
+        token=os.environ.get("CORRAL_TOKEN"),
+    )
+    try:
+        code = asyncio.run(run_node(opts, binaries))
+    except (NodeOptionsError, ValueError) as exc:
+        _bad_input(str(exc))
+    raise typer.Exit(code)
+
+
+# --- end of node agent ---------------------------------------------------------------------
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from corral.discovery import Discovery
+from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import Endpoint
 from corral.model import Backend, ProbeResult, SourceName, Status
 from corral.node.local import local_listener_state
@@ -96,9 +96,15 @@ class Monitor:
     def request_rescan(self) -> None:
         self._rescan.set()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        for record in await self.store.backends():
+    async def load(self) -> list[BackendRecord]:
+        """Start from the store's last known view (stale until re-verified)."""
+        records = await self.store.backends()
+        for record in records:
             self._view[record.endpoint] = record
+        return records
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.load()
         tasks = [
             asyncio.create_task(self._discover_loop(stop)),
             asyncio.create_task(self._recheck_loop(stop)),
@@ -138,7 +144,7 @@ class Monitor:
             return set()
         return set(coord.backends)
 
-    async def discover_once(self) -> None:
+    async def discover_once(self) -> DiscoveryResult:
         held = await self._held()
         self.prober.held.clear()
         self.prober.held.update(held)
@@ -158,6 +164,7 @@ class Monitor:
                     await self._event(
                         Event(EventKind.BACKEND_GONE, f"{ep} disappeared: no source sees it", ep)
                     )
+        return result
 
     async def recheck_once(self) -> None:
         held = await self._held()

@@ -6,9 +6,11 @@ import json
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from corral.model import Backend, Status
+from corral.model import Backend, ProbeResult, Status
+from corral.store.base import BackendRecord
 
 _STYLE = {
     Status.READY: "green",
@@ -33,7 +35,7 @@ def backends_json(backends: Sequence[Backend]) -> str:
 
 
 def backends_table(backends: Sequence[Backend], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     table.add_column("endpoint", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for col in ("version", "devices (free/total)", "latency", "sources", "note"):
@@ -46,20 +48,34 @@ def backends_table(backends: Sequence[Backend], title: str) -> Table:
             for d in (p.devices if p else ())
         )
         latency = f"{p.latency_ms:.1f} ms" if p and p.latency_ms is not None else ""
+        # Cells are escaped: "[fe80::1]:50052" or a quoted reply would otherwise be read as markup.
         table.add_row(
-            str(b.endpoint),
+            escape(str(b.endpoint)),
             f"[{_STYLE[status]}]{status}[/]",
-            (p.version if p else None) or "",
-            devices,
+            escape((p.version if p else None) or ""),
+            escape(devices),
             latency,
             ",".join(str(s) for s in b.sources),
-            (p.error if p else "") or "",
+            escape((p.error if p else "") or ""),
         )
     return table
 
 
 def print_backends(console: Console, backends: Sequence[Backend], title: str) -> None:
     if not backends:
-        console.print(f"{title}: none found.")
+        console.print(f"{escape(title)}: none found.")
         return
     console.print(backends_table(backends, title))
+
+
+def record_to_backend(record: BackendRecord) -> Backend:
+    """A stored view shown like a fresh one (the caller says it is stale)."""
+    probe = ProbeResult(
+        record.endpoint,
+        record.status,
+        version=record.version,
+        devices=record.devices,
+        latency_ms=record.latency_ms,
+        error=record.error,
+    )
+    return Backend(record.endpoint, list(record.sources), probe)

@@ -1,0 +1,65 @@
+"""Tell the world what the coordinator does: events and the CoordinatorRecord in the store, and a
+line for the person watching. A store that fails to write must not stop the coordinator."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from corral.endpoint import Endpoint
+from corral.store.base import CoordinatorRecord, Event, EventKind, Store
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Publisher:
+    store: Store
+    port: int
+    say: Say
+    warn: Say
+    record: CoordinatorRecord = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.record = CoordinatorRecord(state="starting", port=self.port)
+
+    async def event(
+        self, kind: EventKind, message: str, endpoint: Endpoint | None = None, **data: Any
+    ) -> None:
+        try:
+            await self.store.add_event(Event(kind, message, endpoint, data=data))
+        except Exception as exc:  # the store is a witness, not a dependency
+            log.warning("could not record event %s: %s", kind, exc)
+
+    async def state(
+        self,
+        state: str,
+        *,
+        backends: tuple[Endpoint, ...] | None = None,
+        pid: int | None = None,
+        model: str | None = None,
+        started_at: float | None = None,
+        reason: str | None = None,
+        restarted: bool = False,
+    ) -> None:
+        r = self.record
+        self.record = replace(
+            r,
+            state=state,
+            backends=r.backends if backends is None else backends,
+            pid=pid,
+            model=model or r.model,
+            started_at=started_at if started_at is not None else r.started_at,
+            restarts=r.restarts + 1 if restarted else r.restarts,
+            last_reason=reason or r.last_reason,
+            updated_at=time.time(),
+        )
+        try:
+            await self.store.set_coordinator(self.record)
+        except Exception as exc:
+            log.warning("could not publish coordinator state %s: %s", state, exc)

@@ -1,0 +1,442 @@
+"""The coordinator's loop: observe, ask the policy, act. All the I/O lives here.
+
+Each tick it looks at
+- its llama-server: exited (and how, from its log), /health, and the state of the TCP
+  connections it holds to its backends (links.py) — a backend in use is never probed;
+- the candidates it does not hold: a fresh probe each `probe_every_s`, at once after a stop;
+- live node registrations: a held backend whose node stops its heartbeat is lost;
+then hands that to policy.decide and carries out the answer: start (wait for /health ready),
+stop (drain first when planned), or wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corral.coordinator.candidates import Candidates, Round
+from corral.coordinator.health import Health, NoAnswer, ServerHttp
+from corral.coordinator.links import judge, not_listening, read_links, resolve
+from corral.coordinator.policy import (
+    Action,
+    Do,
+    Exit,
+    Memory,
+    Observation,
+    PolicyConfig,
+    Serving,
+    decide,
+)
+from corral.coordinator.process import AdoptedServer, OwnedServer, Supervised, find_on_port
+from corral.coordinator.publish import Publisher
+from corral.endpoint import Endpoint
+from corral.llama.server import ServerOptions, explain_log, server_argv, server_env
+from corral.model import Status
+from corral.store.base import EventKind
+
+log = logging.getLogger(__name__)
+
+NODE_DOWN = frozenset({Status.OFFLINE, Status.NOT_RPC, Status.INCOMPATIBLE})
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator cannot do its job at all (bad model, port taken); the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    tick_s: float = 0.2  # how often the llama-server and its links are looked at
+    probe_every_s: float = 1.0  # fresh probes of the backends not held
+    start_timeout_s: float = 120.0  # loading the model, until /health says ready
+    drain_timeout_s: float = 30.0  # planned restart: wait this long for requests in flight
+    stop_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
+    failover_grace_s: float = 1.0  # a broken llama-server gets less time
+
+
+@dataclass
+class Runner:
+    opts: ServerOptions
+    model: Path | None
+    llama_server: Path
+    candidates: Candidates
+    publish: Publisher
+    log_path: Path
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    timings: Timings = field(default_factory=Timings)
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    server: Supervised | None = field(default=None, init=False)
+    memory: Memory = field(default_factory=Memory, init=False)
+    _http: ServerHttp = field(init=False)
+    _round: Round | None = field(default=None, init=False)
+    _round_at: float = field(default=float("-inf"), init=False)
+    _pending_exit: Exit | None = field(default=None, init=False)
+    _unhealthy_since: float | None = field(default=None, init=False)
+    _addresses: dict[Endpoint, frozenset[str]] = field(default_factory=dict, init=False)
+    _linked: set[Endpoint] = field(default_factory=set, init=False)
+    _node_seen: set[Endpoint] = field(default_factory=set, init=False)
+    _reported: dict[Endpoint, Status] = field(default_factory=dict, init=False)
+    _said_wait: str | None = field(default=None, init=False)
+    _busy: bool = field(default=False, init=False)  # requests in flight at the last look
+    _work_done: float = field(default=-1.0, init=False)
+    _progress_at: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        self._http = ServerHttp(self.opts.base_url)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; always leaves nothing running behind."""
+        loop = asyncio.create_task(self._loop())
+        stopped = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({loop, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            try:
+                for task in (loop, stopped):
+                    task.cancel()
+                await asyncio.gather(loop, stopped, return_exceptions=True)
+            finally:
+                await self._shutdown()
+        error = None if loop.cancelled() else loop.exception()
+        if error is not None:
+            raise error
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        await self._adopt_or_check()
+        while True:
+            try:
+                obs = await self._observe()
+                action, self.memory = decide(self.policy, self.memory, obs)
+                await self._act(action)
+            except CoordinatorError:
+                raise
+            except Exception as exc:  # a supervisor that dies takes the service with it
+                log.exception("coordinator: step failed")
+                self.publish.warn(f"coordinator step failed ({exc!r}); carrying on")
+                await asyncio.sleep(1.0)
+                continue
+            if action.do in (Do.NOTHING, Do.WAIT):
+                await asyncio.sleep(self.timings.tick_s)
+
+    async def _observe(self) -> Observation:
+        exit_ = self._pending_exit
+        self._pending_exit = None
+        server = self.server
+        if server is not None:
+            how = await server.exited()
+            if how is not None:
+                exit_ = await self._exited(server, how)
+                server = None
+        held = frozenset(server.backends) if server else frozenset()
+        fresh = await self._look(held)
+        serving = None
+        if server is not None:
+            lost = await self._lost(server, fresh)
+            unhealthy, stalled = await asyncio.gather(self._health(), self._progress(fresh))
+            serving = Serving(held, server.started_at, lost, unhealthy, stalled)
+        ready = self._round.ready - held if self._round else frozenset()
+        return Observation(time.monotonic(), ready, serving, exit_)
+
+    async def _act(self, action: Action) -> None:
+        if action.do is Do.WAIT:
+            await self._wait(action.reason)
+        elif action.do is Do.STOP:
+            await self._stop(action)
+        elif action.do is Do.START:
+            await self._start(action)
+
+    # -- observing ------------------------------------------------------------------------
+
+    async def _look(self, held: frozenset[Endpoint]) -> bool:
+        """Probe the candidates not held, when due. True if this tick brought fresh results."""
+        now = time.monotonic()
+        if now - self._round_at < self.timings.probe_every_s:
+            return False
+        also = self.memory.last_set or frozenset()
+        self._round = await self.candidates.look(held, also)
+        self._round_at = now
+        await self._report_statuses(self._round)
+        return True
+
+    async def _lost(self, server: Supervised, fresh: bool) -> dict[Endpoint, str]:
+        lost: dict[Endpoint, str] = {}
+        if server.pid is not None:
+            links = await asyncio.to_thread(read_links, server.pid)
+            if links is not None:
+                lost.update(judge(links, self._addresses, self._linked))
+        if fresh:  # these walk every socket on the machine: at the probe pace, not every tick
+            silent = await asyncio.to_thread(not_listening, server.backends)
+            lost.update({e: why for e, why in silent.items() if e not in lost})
+        nodes = self._round.nodes if self._round else None
+        if nodes is None:  # store unreadable: no news about heartbeats is not bad news
+            return lost
+        for ep in server.backends:
+            node = nodes.get(ep)
+            if node is not None:
+                self._node_seen.add(ep)
+                if node.status in NODE_DOWN and ep not in lost:
+                    lost[ep] = f"its node reports it {node.status}"
+            elif ep in self._node_seen and ep not in lost:
+                lost[ep] = "its node stopped sending heartbeats"
+        return lost
+
+    async def _health(self) -> float | None:
+        """Start of the current run of failed /health checks (None while healthy)."""
+        if await self._http.health() is Health.READY:
+            self._unhealthy_since = None
+        elif self._unhealthy_since is None:
+            self._unhealthy_since = time.monotonic()
+        return self._unhealthy_since
+
+    async def _progress(self, fresh: bool) -> float | None:
+        """Since when requests in flight have made no progress (None: idle, or progressing).
+
+        /metrics is answered by llama-server's main loop, so a loop stuck in a read from a
+        silent backend does not answer at all: no answer proves no progress."""
+        if fresh:
+            try:
+                load = await self._http.load()
+            except NoAnswer:
+                self._busy = True  # the clock keeps running from the last progress seen
+            else:
+                if load is None or load.in_flight == 0 or load.work_done != self._work_done:
+                    self._progress_at = time.monotonic()
+                self._work_done = load.work_done if load else -1.0
+                self._busy = load is not None and load.in_flight > 0
+        return self._progress_at if self._busy else None
+
+    async def _exited(self, server: Supervised, how: str) -> Exit:
+        why = explain_log(await asyncio.to_thread(server.log_since_start))
+        detail = f"{how}: {why}" if why else how
+        self._forget(server)
+        self.publish.warn(f"llama-server pid {server.pid} {detail}")
+        await self.publish.event(
+            EventKind.COORDINATOR_FAILED,
+            f"llama-server pid {server.pid} {detail}",
+            pid=server.pid,
+            backends=[str(b) for b in server.backends],
+        )
+        await self.publish.state("restarting", reason=f"llama-server {detail}")
+        return Exit(frozenset(server.backends), server.started_at, detail)
+
+    async def _report_statuses(self, found: Round) -> None:
+        """Say once per change why a candidate is not used (incompatible ones by name)."""
+        for ep, result in found.results.items():
+            if self._reported.get(ep) is result.status:
+                continue
+            self._reported[ep] = result.status
+            why = f": {result.error}" if result.error else ""
+            if result.status in (Status.INCOMPATIBLE, Status.NOT_RPC):
+                message = f"backend {ep} is {result.status}{why}; it will not be used"
+                self.publish.warn(message)
+                await self.publish.event(EventKind.WARNING, message, ep)
+            elif result.status is Status.READY:
+                self.publish.say(f"backend {ep} is ready")
+            else:
+                self.publish.say(f"backend {ep} is {result.status}{why}")
+
+    # -- acting ---------------------------------------------------------------------------
+
+    async def _wait(self, reason: str) -> None:
+        if reason.split(":")[0] != (self._said_wait or "").split(":")[0]:
+            self.publish.say(reason)
+            await self.publish.state("waiting", backends=(), reason=reason)
+        self._said_wait = reason
+
+    async def _start(self, action: Action) -> None:
+        self._said_wait = None
+        model = self.model
+        if model is None:  # checked before the loop; this only keeps the type checker honest
+            raise CoordinatorError("no model to start llama-server with")
+        if action.warning:
+            self.publish.warn(action.warning)
+            await self.publish.event(EventKind.WARNING, action.warning)
+        server = OwnedServer(
+            server_argv(self.llama_server, model, self.opts, action.backends),
+            self.log_path,
+            server_env(self.env),
+            action.backends,
+            str(model),
+        )
+        # Published before the start: the monitor must not probe what llama-server connects to.
+        await self.publish.state("starting", backends=action.backends, reason=action.reason)
+        self.server = server  # before start(): a cancel from here on still stops it
+        try:
+            await server.start()
+        except OSError as exc:
+            self.server = None
+            raise CoordinatorError(f"cannot start {self.llama_server}: {exc}") from None
+        failed = await self._wait_ready(server)
+        if failed is not None:
+            await self._failed_start(server, failed)
+            return
+        await self._serving(server, action)
+
+    async def _wait_ready(self, server: OwnedServer) -> str | None:
+        """None once /health says ready; else why it never got there."""
+        deadline = time.monotonic() + self.timings.start_timeout_s
+        while time.monotonic() < deadline:
+            how = await server.exited()
+            if how is not None:
+                return f"{how} while loading the model"
+            if await self._http.health() is Health.READY and await server.exited() is None:
+                return None
+            await asyncio.sleep(0.05)
+        return f"not ready within {self.timings.start_timeout_s:g} s"
+
+    async def _failed_start(self, server: OwnedServer, failed: str) -> None:
+        await server.stop(self.timings.failover_grace_s)
+        why = explain_log(await asyncio.to_thread(server.log_since_start))
+        detail = f"{failed}: {why}" if why else failed
+        self._forget(server)
+        self._pending_exit = Exit(
+            frozenset(server.backends), server.started_at, detail, while_loading=True
+        )
+        self.publish.warn(f"llama-server {detail} (log: {self.log_path})")
+        await self.publish.event(
+            EventKind.COORDINATOR_FAILED,
+            f"llama-server {detail}",
+            backends=[str(b) for b in server.backends],
+            log=str(self.log_path),
+        )
+        await self.publish.state("failed", backends=(), reason=f"llama-server {detail}")
+
+    async def _serving(self, server: Supervised, action: Action) -> None:
+        self._addresses = await asyncio.to_thread(resolve, server.backends)
+        self._linked = set()
+        self._unhealthy_since = None
+        self._busy, self._work_done, self._progress_at = False, -1.0, time.monotonic()
+        names = ",".join(map(str, action.backends)) or "local devices only"
+        kind = EventKind.COORDINATOR_RESTARTED if action.restart else EventKind.COORDINATOR_STARTED
+        verb = "adopted" if server.adopted else "restarted" if action.restart else "started"
+        message = f"llama-server pid {server.pid} {verb} on {self.opts.base_url} with {names}"
+        if action.restart:
+            message += f" ({action.reason})"
+        self.publish.say(message)
+        await self.publish.event(
+            kind,
+            message,
+            pid=server.pid,
+            backends=[str(b) for b in action.backends],
+            reason=action.reason,
+        )
+        await self.publish.state(
+            "serving",
+            backends=action.backends,
+            pid=server.pid,
+            model=server.model,
+            started_at=time.time(),
+            reason=action.reason,
+            restarted=action.restart,
+        )
+
+    async def _stop(self, action: Action) -> None:
+        server = self.server
+        if server is None:
+            return
+        self.publish.say(f"restarting llama-server: {action.reason}")
+        await self.publish.state("restarting", pid=server.pid, reason=action.reason)
+        if action.drain:
+            await self._drain()
+        grace = self.timings.stop_grace_s if action.drain else self.timings.failover_grace_s
+        await server.stop(grace)
+        self._forget(server)
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.timings.drain_timeout_s
+        while True:
+            busy = await self._http.in_flight()
+            if not busy:  # 0, or it cannot tell
+                return
+            if time.monotonic() >= deadline:
+                self.publish.warn(
+                    f"{busy} requests still in flight after {self.timings.drain_timeout_s:g} s "
+                    "of draining; restarting anyway"
+                )
+                return
+            await asyncio.sleep(0.1)
+
+    def _forget(self, server: Supervised) -> None:
+        """It no longer runs: nothing is held, and the next look must come at once."""
+        if self.server is server:
+            self.server = None
+        self.candidates.release(server.backends)
+        self._round_at = float("-inf")
+
+    # -- before and after -----------------------------------------------------------------
+
+    async def _adopt_or_check(self) -> None:
+        found = await asyncio.to_thread(find_on_port, self.opts.host, self.opts.port)
+        if found is None:
+            if await _port_answers(self.opts.host, self.opts.port):
+                raise CoordinatorError(
+                    f"{self.opts.host}:{self.opts.port} is in use by a program that is not "
+                    "llama-server; choose another --port"
+                )
+            await self._check_model()
+            return
+        await self._adopt(found)
+
+    async def _check_model(self) -> None:
+        if self.model is None:
+            raise CoordinatorError("no model: give --model PATH or set CORRAL_MODEL")
+        if not await asyncio.to_thread(self.model.is_file):
+            raise CoordinatorError(f"model file not found: {self.model}")
+
+    async def _adopt(self, found: AdoptedServer) -> None:
+        deadline = time.monotonic() + self.timings.start_timeout_s
+        while time.monotonic() < deadline:
+            if await self._http.health() is not Health.LOADING:
+                break
+            await asyncio.sleep(0.1)
+        for problem in found.found.errors:
+            self.publish.warn(f"adopted llama-server: {problem}")
+        if self.model is None and found.model:
+            self.model = Path(found.model)
+        elif self.model and found.model and not await _same_file(Path(found.model), self.model):
+            self.publish.warn(
+                f"adopted llama-server serves {found.model}; a restart will load {self.model}"
+            )
+        await self._check_model()
+        self.server = found
+        self.memory = Memory(last_set=frozenset(found.backends))
+        await self._serving(
+            found,
+            Action(Do.START, f"adopted llama-server pid {found.pid}", found.backends),
+        )
+
+    async def _shutdown(self) -> None:
+        server = self.server
+        try:
+            if server is not None:
+                self.publish.say(f"stopping llama-server pid {server.pid}")
+                await self.publish.state("stopping", pid=server.pid, reason="coordinator stopping")
+                await server.stop(self.timings.stop_grace_s)
+                self._forget(server)
+            await self.publish.state("stopped", backends=(), reason="coordinator stopped")
+            await self.publish.event(EventKind.COORDINATOR_STOPPED, "coordinator stopped")
+        finally:
+            await self._http.aclose()
+
+
+async def _same_file(a: Path, b: Path) -> bool:
+    return await asyncio.to_thread(lambda: a.resolve() == b.resolve())
+
+
+async def _port_answers(host: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
