@@ -1,0 +1,225 @@
+"""The page in a real headless Chromium (Debian's), driven by Playwright, against real processes.
+
+Two real ggml-rpc-servers; a real llama-server (tiny model, `--rpc` to the first, `-ngl 99`) as
+the coordinator; the real app over a real EmbeddedStore; a small probe loop standing in for the
+monitor. The page must list the backends, turn a killed backend's badge offline without a
+reload, and get an answer to a prompt through the coordinator. Nothing may come from anywhere
+but the dashboard itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from corral.endpoint import Endpoint
+from corral.llama.binaries import LlamaBinaries
+from corral.model import Status
+from corral.store.base import BackendRecord
+from corral.store.sqlite import EmbeddedStore
+from tests.conftest import StartRpc
+from tests.test_web_helpers import TOKEN, LlamaController, ProbeLoop, running_dashboard, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 15_000
+
+
+def _need_browser() -> None:
+    missing = []
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("playwright (pip install -e '.[dev]')")
+    if not CHROMIUM.exists():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs {', '.join(missing)}")
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+@dataclass
+class Browser:
+    """A fresh page; every request not for the dashboard on loopback is refused and recorded in
+    `foreign_requests`, every console error in `console_errors`."""
+
+    page: Any
+    foreign_requests: list[str]
+    console_errors: list[str]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    _need_browser()
+    from playwright.async_api import Route, async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(viewport={"width": 1360, "height": 1000})
+            page = await context.new_page()
+            foreign: list[str] = []
+            errors: list[str] = []
+
+            async def guard(route: Route) -> None:
+                host = urlsplit(route.request.url).hostname or ""
+                if host == "127.0.0.1":
+                    await route.continue_()
+                else:
+                    foreign.append(route.request.url)
+                    await route.abort()
+
+            await page.route("**/*", guard)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.set_default_timeout(TIMEOUT_MS)
+            yield Browser(page, foreign, errors)
+        finally:
+            await browser.close()
+
+
+def row(ep: Endpoint) -> str:
+    return f'#backends-body tr[data-endpoint="{ep}"]'
+
+
+async def test_page_lists_backends_follows_a_death_live_and_answers_a_prompt(
+    browser: Browser,
+    rpc_server: StartRpc,
+    llama_bins: LlamaBinaries,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    page = browser.page
+    (used, _), (doomed, doomed_child) = await rpc_server(), await rpc_server()
+    steady, _ = await rpc_server()
+    store = await EmbeddedStore.open(tmp_path / "state.db")
+    ctl = LlamaController(llama_bins, tiny_model, [used], tmp_path, store)
+    try:
+        await ctl.start()
+        async with (
+            running_dashboard(
+                tmp_path, store=store, coordinator=ctl, coordinator_url=ctl.base_url
+            ) as dash,
+            ProbeLoop(store, [used, doomed, steady]),
+        ):
+            await page.goto(dash.base + "/")
+
+            # The backends, with their live status, version, devices and who uses them.
+            await page.wait_for_selector(f'{row(used)}[data-status="busy"][data-in-use="true"]')
+            await page.wait_for_selector(f'{row(doomed)}[data-status="ready"]')
+            await page.wait_for_selector(f'{row(steady)}[data-status="ready"][data-in-use="false"]')
+            assert await page.is_hidden("#empty-state")
+            doomed_row = page.locator(row(doomed))
+            assert await doomed_row.locator('[data-role="status"]').text_content() == "ready"
+            assert await doomed_row.locator("td").nth(2).text_content() == "7.0.0"
+            assert await doomed_row.locator(".device").count() >= 1
+            assert "free" in (await doomed_row.locator(".device .label").first.text_content() or "")
+            assert await page.locator(f"{row(used)} td.inuse").text_content() == "in use"
+
+            # The coordinator panel.
+            await page.wait_for_selector('#coordinator-state[data-state="serving"]')
+            backends_text = await page.text_content('#coordinator [data-field="backends"]')
+            assert backends_text == str(used)
+            assert await page.text_content('#coordinator [data-field="model"]') == "tiny.gguf"
+            await page.wait_for_selector('#live-indicator[data-mode="live"]')
+
+            # Kill a backend (a process this test started, by PID): once the store says offline,
+            # the open page shows it, without a reload.
+            await page.evaluate("window.__not_reloaded = true")
+            assert doomed_child.pid is not None
+            os.kill(doomed_child.pid, signal.SIGKILL)
+
+            async def store_says_offline() -> bool:
+                recs = {r.endpoint: r for r in await store.backends()}
+                return recs[doomed].status is Status.OFFLINE
+
+            await wait_for(store_says_offline, 10, "the store to say offline")
+            await page.wait_for_selector(f'{row(doomed)}[data-status="offline"]', timeout=5000)
+            badge = doomed_row.locator('[data-role="status"]')
+            assert await badge.text_content() == "offline"
+            assert await page.evaluate("window.__not_reloaded === true")
+            await page.wait_for_selector(
+                f'#events li[data-kind="backend_status_changed"][data-endpoint="{doomed}"]'
+                " >> text=-> offline"
+            )
+
+            # A prompt without the token is refused, and the page says why ...
+            await page.fill("#prompt-input", "Say something, tiny model.")
+            await page.click("#prompt-send")
+            await page.wait_for_selector('#prompt-answer[data-state="error"]')
+            assert "token" in (await page.text_content("#prompt-error") or "")
+            # ... with it, the coordinator answers (nonsense, from random weights).
+            await page.fill("#token-input", TOKEN)
+            await page.click("#prompt-send")
+            await page.wait_for_selector('#prompt-answer[data-state="done"]', timeout=30_000)
+            answer = await page.text_content("#prompt-answer")
+            assert answer, await page.text_content("#prompt-error")
+            assert await page.text_content("#prompt-error") == ""
+            # llama-server's own timings, seen on the way through, become the tokens/s shown.
+            await page.wait_for_function(
+                "parseFloat(document.querySelector("
+                "'#coordinator [data-field=\"tokens_per_second\"]').textContent) > 0"
+            )
+            assert await page.locator(f'{row(steady)}[data-status="ready"]').count() == 1
+
+            shots = ROOT / "test-artifacts"
+            shots.mkdir(exist_ok=True)
+            await page.screenshot(path=str(shots / "dashboard.png"), full_page=True)
+            assert browser.foreign_requests == []
+            assert [e for e in browser.console_errors if "Content Security Policy" in e] == []
+    finally:
+        await ctl.stop()
+        await store.close()
+
+
+async def test_empty_state_then_polling_when_the_stream_fails(
+    browser: Browser, tmp_path: Path
+) -> None:
+    page = browser.page
+    async with running_dashboard(tmp_path) as dash:
+        # The event stream is made to fail: the page must fall back to polling every 3 s.
+        await page.route("**/api/stream", lambda route: route.abort())
+        await page.goto(dash.base + "/")
+        await page.wait_for_selector("#empty-state", state="visible")
+        text = await page.text_content("#empty-state") or ""
+        assert "No RPC backends found" in text and "ggml-rpc-server" in text
+        assert "Rescan" in text
+        assert await page.is_hidden("#backends-table")
+        await page.wait_for_selector('#live-indicator[data-mode="poll"]')
+        shots = ROOT / "test-artifacts"
+        shots.mkdir(exist_ok=True)
+        await page.screenshot(path=str(shots / "dashboard-empty.png"))
+
+        ep = Endpoint("127.0.0.1", 1)
+        await dash.store.put_backends([BackendRecord(ep, Status.OFFLINE, error="refused")])
+        await page.wait_for_selector(f'{row(ep)}[data-status="offline"]', timeout=8000)
+        assert await page.is_hidden("#empty-state")
+
+        # Rescan without the token is refused and the page says so; with it, it runs.
+        await page.click("#rescan-btn")
+        await page.wait_for_selector("#action-status >> text=needs the token")
+        assert dash.rescans == []
+        await page.fill("#token-input", TOKEN)
+        await page.click("#rescan-btn")
+        await page.wait_for_selector("#action-status >> text=discovery run started")
+        assert len(dash.rescans) == 1
+        assert browser.foreign_requests == []
