@@ -112,7 +112,12 @@ async def test_held_backend_is_busy_with_its_client_not_offline(
     holder = socket.create_connection((ep.host, ep.port), timeout=2)
     try:
         holder.sendall(p.encode_hello())
-        assert len(holder.recv(64)) == p.SIZE_FIELD + p.HELLO_REPLY_SIZE
+        reply = b""
+        while len(reply) < p.SIZE_FIELD + p.HELLO_REPLY_SIZE:  # may arrive in pieces
+            chunk = holder.recv(64)
+            assert chunk, "backend closed instead of answering HELLO"
+            reply += chunk
+        assert len(reply) == p.SIZE_FIELD + p.HELLO_REPLY_SIZE
         client = "{}:{}".format(*holder.getsockname())
         reg = await registration(store, ep, lambda r: r.status is Status.BUSY)
         assert reg.client == client

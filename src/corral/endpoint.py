@@ -92,6 +92,8 @@ def validate_host(host: str, text: str, where: str | None = None) -> str:
             raise _fail("unspecified address is a placeholder, not a backend", text, where)
         if addr.is_multicast:
             raise _fail("multicast address cannot be a backend", text, where)
+        if addr == ipaddress.IPv4Address("255.255.255.255"):
+            raise _fail("broadcast address cannot be a backend", text, where)
         return addr.compressed
     name = host.rstrip(".").lower()
     if len(name) > _MAX_HOST_LEN or not name:
@@ -104,6 +106,17 @@ def validate_host(host: str, text: str, where: str | None = None) -> str:
     if name in PLACEHOLDER_HOSTS:
         raise _fail("placeholder host, not a backend", text, where)
     return name
+
+
+def _looks_like_ipv6(text: str) -> bool:
+    """`::1` or `::1:50052` (an address, perhaps with a port glued on): it wanted brackets."""
+    for candidate in (text, text.rsplit(":", 1)[0]):
+        try:
+            ipaddress.IPv6Address(candidate)
+        except ValueError:
+            continue
+        return True
+    return False
 
 
 def parse_endpoint(
@@ -140,7 +153,9 @@ def parse_endpoint(
         return Endpoint(validate_host(host, text, where), _validate_port(rest[1:], text, where))
 
     if text.count(":") > 1:
-        raise _fail("IPv6 addresses need brackets, as in [::1]:50052", text, where)
+        if _looks_like_ipv6(text):
+            raise _fail("IPv6 addresses need brackets, as in [::1]:50052", text, where)
+        raise _fail("more than one ':' (expected host:port)", text, where)
     if ":" in text:
         host, raw_port = text.split(":", 1)
         return Endpoint(validate_host(host, text, where), _validate_port(raw_port, text, where))

@@ -9,6 +9,13 @@ A probe must never harm what it probes (see ../shared/llama-rpc-facts.md):
   server drops further SYNs and every connect times out, exactly like a dead host. A timed-out
   connect to a host that is known to be up (our own address, or a complete ARP entry), or to an
   endpoint this prober saw busy a moment ago, is therefore `busy`, never `offline`.
+
+Silence after HELLO means "busy" only from an RPC server. Many HTTP servers (llama-server itself,
+Python's http.server) are silent too: they wait for the end of a request line. So when half of the
+remaining time has passed in silence, the probe sends an "HTTP nudge" (CRLF CRLF): an HTTP server
+answers it at once (400 Bad Request) and is `not-rpc`; a busy RPC server never reads it (our
+connection waits in its queue, and we reset it); an RPC server that answers HELLO only after the
+nudge is `ready`, but would read the nudge as its next command, so its devices are not queried.
 """
 
 from __future__ import annotations
@@ -27,10 +34,66 @@ from corral.rpc import protocol as p
 
 # How long a "busy" sighting lets a later connect timeout still count as busy.
 BUSY_MEMORY_S = 300.0
+# Sent after half the HELLO wait in silence: ends an HTTP request (see the module doc).
+HTTP_NUDGE = b"\r\n\r\n"
+# How long resolving a host name may add to a probe whose connect timed out.
+RESOLVE_SLACK_S = 0.25
+# How many of the first bytes a peer sent are quoted in a not-rpc error.
+_PREVIEW = 12
 
 
-class _NotRpc(Exception):
-    pass
+class _Closed(Exception):
+    """The peer closed (FIN) or reset the connection before a reply was complete."""
+
+    def __init__(self, partial: int, reset: bool) -> None:
+        super().__init__("reset" if reset else "closed")
+        self.partial = partial
+        self.reset = reset
+
+
+class _Stream:
+    """Reads exact sizes against a deadline, and remembers what arrived in total.
+
+    Unlike StreamReader.readexactly under wait_for, a timeout here still tells how many bytes the
+    peer sent: a silent peer may be a busy RPC server, one that sent a few bytes is not.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self._buf = bytearray()
+        self.received = 0
+        self.head = b""  # the first bytes the peer ever sent, for error messages
+
+    async def exactly(self, n: int, until: float) -> bytes:
+        while len(self._buf) < n:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            try:
+                chunk = await asyncio.wait_for(self._reader.read(65536), remaining)
+            except TimeoutError:  # a subclass of OSError: must come first
+                raise
+            except ConnectionError:
+                raise _Closed(len(self._buf), reset=True) from None
+            except OSError:  # e.g. EHOSTUNREACH on an established connection
+                raise _Closed(len(self._buf), reset=True) from None
+            if not chunk:
+                raise _Closed(len(self._buf), reset=False)
+            if len(self.head) < _PREVIEW:
+                self.head += chunk[: _PREVIEW - len(self.head)]
+            self._buf += chunk
+            self.received += len(chunk)
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _describe(head: bytes) -> str:
+    if head.startswith(b"HTTP/"):
+        return "an HTTP server, not an RPC backend"
+    if head.startswith(b"SSH-"):
+        return "an SSH server, not an RPC backend"
+    return f"not an RPC reply: {head!r}"
 
 
 @dataclass
@@ -76,8 +139,12 @@ class Prober:
         except OSError as exc:
             reason = exc.strerror or exc.__class__.__name__
             return ProbeResult(endpoint, Status.OFFLINE, error=f"unreachable: {reason}")
+        except UnicodeError:
+            return ProbeResult(endpoint, Status.OFFLINE, error="host name cannot be resolved")
         try:
             return await self._converse(endpoint, reader, writer, start, deadline)
+        except OSError as exc:  # last resort: a probe reports, it never raises
+            return ProbeResult(endpoint, Status.OFFLINE, error=f"connection lost: {exc}")
         finally:
             if not writer.is_closing():
                 _abort(writer)
@@ -89,11 +156,8 @@ class Prober:
     async def _connect_timed_out(self, endpoint: Endpoint) -> ProbeResult:
         seen = self._busy_seen.get(endpoint)
         remembered = seen is not None and time.monotonic() - seen < BUSY_MEMORY_S
-        if (
-            endpoint.is_ip
-            and (remembered or self.host_up_means_busy)
-            and await asyncio.to_thread(host_is_up, endpoint.host)
-        ):
+        if (remembered or self.host_up_means_busy) and await self._host_up(endpoint):
+            self._busy_seen[endpoint] = time.monotonic()
             return ProbeResult(
                 endpoint,
                 Status.BUSY,
@@ -103,6 +167,22 @@ class Prober:
             endpoint, Status.OFFLINE, error=f"no TCP connection within {self.timeout:g}s"
         )
 
+    async def _host_up(self, endpoint: Endpoint) -> bool:
+        """Is the host itself up? A host name is resolved first (briefly: `localhost` is common)."""
+        if endpoint.is_ip:
+            addresses = {endpoint.host}
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await asyncio.wait_for(
+                    loop.getaddrinfo(endpoint.host, endpoint.port, type=socket.SOCK_STREAM),
+                    RESOLVE_SLACK_S,
+                )
+            except (OSError, TimeoutError, UnicodeError):
+                return False
+            addresses = {str(info[4][0]) for info in infos}
+        return await asyncio.to_thread(lambda: any(host_is_up(a) for a in addresses))
+
     async def _converse(
         self,
         endpoint: Endpoint,
@@ -111,26 +191,56 @@ class Prober:
         start: float,
         deadline: float,
     ) -> ProbeResult:
+        stream = _Stream(reader)
         writer.write(p.encode_hello())
+        connected = time.monotonic()
+        nudge_at = connected + (deadline - connected) / 2
+        nudged = False
         try:
-            header = await _read(reader, p.SIZE_FIELD, deadline)
+            try:
+                header = await stream.exactly(p.SIZE_FIELD, nudge_at)
+            except TimeoutError:
+                if stream.received:  # a few bytes, then silence: no RPC server does that
+                    raise
+                writer.write(HTTP_NUDGE)
+                nudged = True
+                header = await stream.exactly(p.SIZE_FIELD, deadline)
         except TimeoutError:
-            # Accepted but unanswered: a coordinator holds it. RST so our queued HELLO is harmless.
             _abort(writer)
+            if stream.received:
+                return ProbeResult(
+                    endpoint,
+                    Status.NOT_RPC,
+                    error=f"sent {stream.received} bytes, then nothing: {_describe(stream.head)}",
+                )
+            # Accepted but unanswered: a coordinator holds it. RST so our queued HELLO is harmless.
             self._busy_seen[endpoint] = time.monotonic()
             return ProbeResult(endpoint, Status.BUSY, error="connected, HELLO not answered")
-        except _NotRpc as exc:
+        except _Closed as exc:
             _abort(writer)
-            if str(exc) == "closed":
-                return await self._maybe_legacy(endpoint, deadline)
-            return ProbeResult(endpoint, Status.NOT_RPC, error=str(exc))
-        self._busy_seen.pop(endpoint, None)
+            if exc.partial:
+                return ProbeResult(
+                    endpoint,
+                    Status.NOT_RPC,
+                    error=f"reply cut short after {exc.partial} bytes: {_describe(stream.head)}",
+                )
+            if nudged:
+                return ProbeResult(
+                    endpoint, Status.NOT_RPC, error="closed the connection without answering HELLO"
+                )
+            # Closed (FIN) or reset at once: an old RPC server refuses our HELLO's size that way.
+            return await self._maybe_legacy(endpoint, deadline)
         try:
             p.decode_size(header, p.HELLO_REPLY_SIZE, "HELLO")
-            version = p.decode_hello(await _read(reader, p.HELLO_REPLY_SIZE, deadline))
-        except (p.ProtocolError, _NotRpc, TimeoutError) as exc:
+        except p.ProtocolError:
             _abort(writer)
-            return ProbeResult(endpoint, Status.NOT_RPC, error=_short(exc))
+            return ProbeResult(endpoint, Status.NOT_RPC, error=_describe(stream.head))
+        try:
+            version = p.decode_hello(await stream.exactly(p.HELLO_REPLY_SIZE, deadline))
+        except (p.ProtocolError, _Closed, TimeoutError) as exc:
+            _abort(writer)
+            return ProbeResult(endpoint, Status.NOT_RPC, error=f"HELLO reply: {_short(exc)}")
+        self._busy_seen.pop(endpoint, None)
         latency_ms = (time.monotonic() - start) * 1000.0
         if not p.is_compatible(version, self.client_major, self.client_minor):
             _abort(writer)
@@ -142,9 +252,20 @@ class Prober:
                 error=f"protocol {version}, this llama-server speaks "
                 f"{self.client_major}.{self.client_minor}.x",
             )
+        if nudged:
+            # It answered, so it is free now; but it will read our nudge as its next command, so
+            # ask nothing more. RST: it is waiting to read, never writing.
+            _abort(writer)
+            return ProbeResult(
+                endpoint,
+                Status.READY,
+                version=str(version),
+                latency_ms=latency_ms,
+                error="answered HELLO late; devices not queried",
+            )
         try:
-            devices = await _query_devices(reader, writer, deadline)
-        except (p.ProtocolError, _NotRpc, TimeoutError, OSError) as exc:
+            devices = await _query_devices(stream, writer, deadline)
+        except (p.ProtocolError, _Closed, TimeoutError) as exc:
             _abort(writer)
             return ProbeResult(
                 endpoint,
@@ -155,8 +276,8 @@ class Prober:
         # Every request answered, nothing queued: a normal close is safe and lets the server
         # move on to its next client at once.
         writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(writer.wait_closed(), max(0.05, deadline - time.monotonic()))
         return ProbeResult(
             endpoint,
             Status.READY,
@@ -168,7 +289,9 @@ class Prober:
     async def _maybe_legacy(self, endpoint: Endpoint, deadline: float) -> ProbeResult:
         """A server that closes on our 24-byte HELLO may be an old (protocol 2-3) RPC server.
 
-        Old servers expect an empty HELLO and reply with 3 bytes; ask once more in that dialect.
+        Old servers expect an empty HELLO (they read the size, see it is not 0, and close — with
+        our payload unread, so the close is a reset) and reply with 3 bytes; ask once more in
+        that dialect.
         """
         not_rpc = ProbeResult(
             endpoint, Status.NOT_RPC, error="closed the connection without answering HELLO"
@@ -183,11 +306,14 @@ class Prober:
         except (OSError, TimeoutError):
             return not_rpc
         try:
+            stream = _Stream(reader)
             writer.write(p.encode_legacy_hello())
-            header = await _read(reader, p.SIZE_FIELD, deadline)
+            header = await stream.exactly(p.SIZE_FIELD, deadline)
             p.decode_size(header, p.LEGACY_HELLO_REPLY_SIZE, "legacy HELLO")
-            version = p.decode_legacy_hello(await _read(reader, 3, deadline))
-        except (p.ProtocolError, _NotRpc, TimeoutError, OSError):
+            version = p.decode_legacy_hello(
+                await stream.exactly(p.LEGACY_HELLO_REPLY_SIZE, deadline)
+            )
+        except (p.ProtocolError, _Closed, TimeoutError, OSError):
             return not_rpc
         finally:
             _abort(writer)
@@ -200,32 +326,18 @@ class Prober:
 
 
 async def _query_devices(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, deadline: float
+    stream: _Stream, writer: asyncio.StreamWriter, deadline: float
 ) -> list[Device]:
     writer.write(p.encode_device_count())
-    p.decode_size(await _read(reader, p.SIZE_FIELD, deadline), 4, "DEVICE_COUNT")
-    count = p.decode_device_count(await _read(reader, 4, deadline))
+    p.decode_size(await stream.exactly(p.SIZE_FIELD, deadline), 4, "DEVICE_COUNT")
+    count = p.decode_device_count(await stream.exactly(4, deadline))
     devices = []
     for index in range(count):
         writer.write(p.encode_get_device_memory(index))
-        p.decode_size(await _read(reader, p.SIZE_FIELD, deadline), 16, "GET_DEVICE_MEMORY")
-        free, total = p.decode_device_memory(await _read(reader, 16, deadline))
+        p.decode_size(await stream.exactly(p.SIZE_FIELD, deadline), 16, "GET_DEVICE_MEMORY")
+        free, total = p.decode_device_memory(await stream.exactly(16, deadline))
         devices.append(Device(index, free, total))
     return devices
-
-
-async def _read(reader: asyncio.StreamReader, n: int, deadline: float) -> bytes:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    try:
-        return await asyncio.wait_for(reader.readexactly(n), remaining)
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            raise _NotRpc("closed") from None
-        raise _NotRpc(f"reply cut short after {len(exc.partial)} bytes") from None
-    except (ConnectionResetError, BrokenPipeError):
-        raise _NotRpc("connection reset") from None
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -240,4 +352,7 @@ def _abort(writer: asyncio.StreamWriter) -> None:
 def _short(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "reply not complete in time"
+    if isinstance(exc, _Closed):
+        what = "reset" if exc.reset else "closed"
+        return f"connection {what} after {exc.partial} bytes of a reply"
     return str(exc) or exc.__class__.__name__

@@ -65,7 +65,8 @@ def read_backends_file(paths: list[Path], explicit: bool) -> SourceReport:
             if path.stat().st_size > MAX_FILE_BYTES:
                 report.warnings.append(f"{path}: larger than {MAX_FILE_BYTES} bytes, not read")
                 return report
-            text = path.read_text(encoding="utf-8")
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of line 1.
+            text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as exc:
             report.warnings.append(f"{path}: cannot read: {exc}")
             return report
