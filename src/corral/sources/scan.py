@@ -4,29 +4,56 @@ Networks are the CIDRs given, else the machine's own IPv4 interface networks (lo
 asked). Only endpoints that accept a TCP connection are reported (or that were busy before and
 whose host is still up: a busy backend's full accept queue drops new SYNs).
 
-A large on-link scan is paced by the kernel's neighbour (ARP) table: every silent address holds an
-entry while ARP gives up on it, and once the table is full the kernel drops packets — including
-the SYN to a live backend. The pacer keeps the table below a safe fill, and the scan reports any
-overflow the kernel counted, so a fast scan never silently misses a backend.
+A large on-link scan is bounded by the kernel's neighbour (ARP) table, one table of gc_thresh3
+entries (1024 by default) shared by every network namespace. Every connect to a silent on-link
+address holds an INCOMPLETE entry for the ARP retries (3 s by default) that the kernel cannot
+reclaim; once the table is full it drops packets, including the SYN to a live backend. So TCP
+connects alone reach at most about gc_thresh3 / 3 s new on-link addresses per second, whatever
+the concurrency: a /16 takes minutes. Two ways through, in this order:
+
+- ARP sweep (needs CAP_NET_RAW): for an on-link network larger than `sweep_above` addresses, ask
+  every address over ARP with raw frames, which leave no kernel entries, and TCP-probe only the
+  hosts that answered (and our own addresses). A host that does not answer ARP cannot accept a
+  TCP connection on that link either, so nothing live is skipped. A /16 takes about 17 s.
+- Paced TCP (no CAP_NET_RAW, or small networks): the pacer keeps our unresolved on-link connects
+  below a share of the table, any overflow the kernel still counts shrinks the pace and sends the
+  probes it may have hurt round again, and the report warns about it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import itertools
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psutil
 
 from corral.endpoint import DEFAULT_RPC_PORT, Endpoint
 from corral.model import ProbeResult, Sighting, SourceName, Status
-from corral.net.neighbours import read_gc_thresh3, read_neighbour_stats
+from corral.net.neighbours import (
+    DEFAULT_GC_THRESH3,
+    Link,
+    NeighbourStats,
+    arp_links,
+    arp_sweep,
+    count_failed_neighbours,
+    incomplete_lifetime,
+    local_addresses,
+    read_neighbour_stats,
+)
 from corral.rpc.probe import Prober
 from corral.sources.base import SourceReport
 
 MAX_PREFIX_WITHOUT_CONSENT = 16
+# On-link networks with more addresses than this are ARP-swept first (when allowed): up to a /23
+# a direct TCP scan fits in the neighbour table's budget and is faster than sweep + probe.
+SWEEP_ABOVE = 512
+ARP_RATE = 8000.0  # ARP requests per second: a /16 in about 8 s per pass
+RETRY_ROUNDS = 2  # rounds for probes that a neighbour-table overflow may have hurt
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -75,88 +102,308 @@ def interface_networks(include_loopback: bool) -> list[Network]:
     return nets
 
 
-def targets(nets: list[Network], ports: list[int]) -> Iterator[Endpoint]:
+def targets(
+    nets: list[Network], ports: list[int], skip: Sequence[ipaddress.IPv4Network] = ()
+) -> Iterator[Endpoint]:
+    """Every host address of `nets` on every port, lazily; addresses inside `skip` left out."""
     seen: set[Network] = set()
+    ranges = [(int(s.network_address), int(s.broadcast_address)) for s in skip]
     for net in nets:
         if net in seen:
             continue
         seen.add(net)
         hosts = [net.network_address] if net.num_addresses == 1 else net.hosts()
         for addr in hosts:
+            if ranges and addr.version == 4 and any(lo <= int(addr) <= hi for lo, hi in ranges):
+                continue
             for port in ports:
                 yield Endpoint(addr.compressed, port)
 
 
+@dataclass(frozen=True, slots=True)
+class ScanPlan:
+    """Which on-link parts get an ARP sweep first, and which networks are probed by TCP."""
+
+    sweeps: list[tuple[Link, ipaddress.IPv4Network]]
+    direct: list[Network]  # probed address by address, minus the swept parts
+
+    @property
+    def swept(self) -> list[ipaddress.IPv4Network]:
+        return [part for _, part in self.sweeps]
+
+
+def plan_scan(nets: Sequence[Network], links: Sequence[Link], sweep_above: int | None) -> ScanPlan:
+    """Pure: sweep each on-link part with more than `sweep_above` addresses (None: no sweeps).
+
+    A network inside a link's network is swept whole; a link network inside a larger requested
+    network is swept and the rest of that network is probed directly.
+    """
+    sweeps: list[tuple[Link, ipaddress.IPv4Network]] = []
+    direct: list[Network] = []
+    by_network: dict[ipaddress.IPv4Network, Link] = {}
+    for link in links:
+        by_network.setdefault(link.network, link)
+    for net in dict.fromkeys(nets):
+        covered = False
+        if sweep_above is not None and isinstance(net, ipaddress.IPv4Network):
+            for link_net, link in by_network.items():
+                if net.subnet_of(link_net):
+                    part = net
+                elif link_net.subnet_of(net):
+                    part = link_net
+                else:
+                    continue
+                if part.num_addresses <= sweep_above or part in [p for _, p in sweeps]:
+                    continue
+                sweeps.append((link, part))
+                covered = covered or part == net
+        if not covered:
+            direct.append(net)
+    return ScanPlan(sweeps, direct)
+
+
 @dataclass
 class NeighbourPacer:
-    """Hold new connects while the kernel's neighbour table is near full (see module doc)."""
+    """Hold new on-link connects so the kernel's neighbour table never fills (see module doc).
 
-    fill: float = 0.5
-    interval: float = 0.02
-    _limit: int = 0
-    _entries: int = 0
-    _last: float = 0.0
+    Allows `budget` connects per `hold` seconds (the time an unanswered entry stays INCOMPLETE):
+    `fill` of gc_thresh3 minus the entries others hold. Others' entries are re-measured every
+    `refresh` seconds as the table's count minus our connects in flight and minus the FAILED
+    entries of our namespace (reclaimed on demand), so a previous scan's entries free their room
+    as they fail and two scanners on one machine share the table. The overflow counter is
+    re-read every `interval`; when it rose, the budget shrinks and `overflowed_at` tells the
+    scanner which probes may have lost their SYN.
+    """
+
+    fill: float = 0.75
+    hold: float = 3.5
+    interval: float = 0.05
+    refresh: float = 0.5
     enabled: bool = True
+    min_budget: int = 16
+    budget: int = field(default=0, init=False)
+    _thresh: int = field(default=DEFAULT_GC_THRESH3, init=False)
+    _shrink: float = field(default=1.0, init=False)
+    _windows: list[tuple[float, float]] = field(default_factory=list, init=False)
+    _starts: deque[float] = field(default_factory=deque, init=False)
+    _last_read: float = field(default=0.0, init=False)
+    _last_measure: float = field(default=0.0, init=False)
+    _fulls: int | None = field(default=None, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
 
     def __post_init__(self) -> None:
-        self._limit = int(read_gc_thresh3() * self.fill)
-        self.enabled = self.enabled and read_neighbour_stats() is not None
+        stats = read_neighbour_stats()
+        now = time.monotonic()
+        self._thresh = stats.gc_thresh3 if stats else DEFAULT_GC_THRESH3
+        self._fulls = stats.table_fulls if stats else None
+        self._measure(stats, now)
+        self._last_read = now
 
-    async def room(self) -> None:
-        while self.enabled:
-            now = time.monotonic()
-            if now - self._last >= self.interval:
-                stats = read_neighbour_stats()  # a /proc read of a few hundred bytes
-                self._entries = stats.entries if stats else 0
-                self._last = now
-            if self._entries < self._limit:
-                self._entries += 1  # count our own connect until the next reading
-                return
-            await asyncio.sleep(self.interval)
+    @property
+    def rate(self) -> float:
+        """New on-link addresses per second this pacer allows now."""
+        return self.budget / self.hold
+
+    async def room(self) -> float:
+        """Wait for room for one more on-link connect; return its start time."""
+        if not self.enabled:
+            return time.monotonic()
+        async with self._lock:  # one waiter at a time: no herd of wake-ups
+            while True:
+                now = time.monotonic()
+                self.poll(now)
+                self._expire(now)
+                if len(self._starts) < self.budget:
+                    self._starts.append(now)
+                    return now
+                await asyncio.sleep(
+                    min(max(self._starts[0] + self.hold - now, 0.001), self.refresh)
+                )
+
+    def poll(self, now: float | None = None, force: bool = False) -> None:
+        now = time.monotonic() if now is None else now
+        if self._fulls is None or (not force and now - self._last_read < self.interval):
+            return
+        stats = read_neighbour_stats()  # one netlink dump, a few hundred bytes
+        if stats is None:
+            return
+        overflowed = stats.table_fulls > self._fulls
+        if overflowed:
+            self._windows.append((self._last_read, now))
+            self._shrink = max(0.1, self._shrink * 0.7)
+        self._fulls = stats.table_fulls
+        self._last_read = now
+        if force or overflowed or now - self._last_measure >= self.refresh:
+            self._measure(stats, now)
+
+    def overflowed_at(self, start: float) -> bool:
+        """Did the table overflow around `start` (a connect's start, at least `interval` ago)?"""
+        self.poll()
+        slack = self.interval
+        return any(lo - slack <= start <= hi + slack for lo, hi in self._windows)
+
+    def _expire(self, now: float) -> None:
+        while self._starts and self._starts[0] <= now - self.hold:
+            self._starts.popleft()
+
+    def _measure(self, stats: NeighbourStats | None, now: float) -> None:
+        self._expire(now)
+        others = 0
+        if stats is not None:
+            others = max(0, stats.entries - count_failed_neighbours() - len(self._starts))
+        room = int(self._thresh * self.fill) - others
+        self.budget = max(self.min_budget, int(room * self._shrink))
+        self._last_measure = now
 
 
 @dataclass
 class ScanStats:
-    addresses: int = 0
+    addresses: int = 0  # endpoints probed over TCP
     seconds: float = 0.0
-    neighbour_overflows: int = 0
+    neighbour_overflows: int = 0  # table_fulls the kernel counted during the scan (global)
+    swept: int = 0  # host addresses covered by an ARP sweep instead of one TCP connect each
+    arp_up: int = 0  # swept addresses that answered ARP
+    sweep_seconds: float = 0.0
+    retried: int = 0  # probes sent round again after an overflow
+    paced_rate: float = 0.0  # new on-link addresses per second the pacer allowed at the end
 
 
 @dataclass
 class Scanner:
+    """Probes many endpoints at once (`concurrency` in flight) and keeps the kernel's neighbour
+    table from overflowing; `scan_networks` adds the ARP sweep of large on-link networks."""
+
     prober: Prober
     concurrency: int = 500
     pace_neighbours: bool = True
+    arp_sweep: bool = True
+    sweep_above: int = SWEEP_ABOVE
+    arp_rate: float = ARP_RATE
+    retry_rounds: int = RETRY_ROUNDS
     stats: ScanStats = field(default_factory=ScanStats)
+    warnings: list[str] = field(default_factory=list)
 
-    async def scan(self, endpoints: Iterator[Endpoint]) -> list[ProbeResult]:
-        pacer = NeighbourPacer(enabled=self.pace_neighbours)
+    async def scan_networks(self, nets: list[Network], ports: list[int]) -> list[ProbeResult]:
+        """Scan whole networks: ARP-sweep the large on-link parts, probe the rest directly."""
+        start = time.monotonic()
+        links = await asyncio.to_thread(arp_links)
+        plan = plan_scan(nets, links, self.sweep_above if self.arp_sweep else None)
+        hosts: list[str] = []
+        swept: list[ipaddress.IPv4Network] = []
+        swept_count = arp_up = 0
+        own = await asyncio.to_thread(local_addresses)
+        for link, part in plan.sweeps:
+            try:
+                result = await asyncio.to_thread(arp_sweep, link, part, self.arp_rate)
+            except OSError as exc:  # PermissionError without CAP_NET_RAW
+                self.warnings.append(
+                    f"scan: no ARP sweep of {part} ({exc.strerror or exc}); probing each address"
+                    f" over TCP instead, paced by the kernel's neighbour table: about "
+                    f"{part.num_addresses / _tcp_rate(links):.0f} s (run as root to sweep)"
+                )
+                if part not in plan.direct:
+                    plan.direct.append(part)
+                continue
+            swept.append(part)
+            swept_count += part.num_addresses - (2 if part.prefixlen < 31 else 0)
+            arp_up += len(result.up)
+            hosts += [a.compressed for a in result.up]
+            hosts += [a for a in sorted(own) if _inside(a, part) and a not in hosts]
+        sweep_seconds = time.monotonic() - start
+        endpoints = itertools.chain(
+            (Endpoint(h, p) for h in hosts for p in ports),
+            targets(plan.direct, ports, skip=swept),
+        )
+        found = await self.scan(endpoints, links)
+        self.stats.swept, self.stats.arp_up = swept_count, arp_up
+        self.stats.sweep_seconds = sweep_seconds
+        self.stats.seconds = time.monotonic() - start
+        return found
+
+    async def scan(
+        self, endpoints: Iterable[Endpoint], links: Sequence[Link] | None = None
+    ) -> list[ProbeResult]:
+        """Probe each endpoint (pacing the on-link ones); return every one that is not offline."""
+        if links is None:
+            links = await asyncio.to_thread(arp_links)
+        on_link = [(int(n.network_address), int(n.broadcast_address)) for n in _link_nets(links)]
+        pacer = NeighbourPacer(hold=_hold(links), enabled=self.pace_neighbours and bool(on_link))
         before = read_neighbour_stats()
         start = time.monotonic()
         found: list[ProbeResult] = []
+        retry: list[Endpoint] = []
         count = 0
+
+        def paced(ep: Endpoint) -> bool:
+            try:
+                ip = int(ipaddress.IPv4Address(ep.host))
+            except ValueError:
+                return False
+            return any(lo <= ip <= hi for lo, hi in on_link)
 
         async def worker(queue: Iterator[Endpoint]) -> None:
             nonlocal count
             for ep in queue:
                 count += 1
-                await pacer.room()
+                began = await pacer.room() if paced(ep) else None
                 result = await self.prober.probe(ep)
                 if result.status is not Status.OFFLINE:
                     found.append(result)
+                elif began is not None and pacer.overflowed_at(began):
+                    retry.append(ep)
 
-        shared = iter(endpoints)  # workers pull from one iterator: no list of 65k endpoints
-        await asyncio.gather(*(worker(shared) for _ in range(self.concurrency)))
-        after = read_neighbour_stats()
+        async def run(endpoints: Iterable[Endpoint]) -> None:
+            shared = iter(endpoints)  # workers pull from one iterator: no list of 65k endpoints
+            await asyncio.gather(*(worker(shared) for _ in range(self.concurrency)))
+
+        await run(endpoints)
+        retried = 0
+        for _ in range(self.retry_rounds):
+            if not retry:
+                break
+            todo, retry = retry, []
+            retried += len(todo)
+            await run(todo)
+        pacer.poll(force=True)
         self.stats = ScanStats(
             addresses=count,
             seconds=time.monotonic() - start,
-            neighbour_overflows=(
-                (after.table_fulls - before.table_fulls) if before and after else 0
-            ),
+            neighbour_overflows=_overflows(before, read_neighbour_stats()),
+            retried=retried,
+            paced_rate=pacer.rate if pacer.enabled else 0.0,
         )
-        found.sort(key=lambda r: (ipaddress.ip_address(r.endpoint.host), r.endpoint.port))
+        found.sort(key=_order)
         return found
+
+
+def _order(result: ProbeResult) -> tuple[int, int, int]:
+    addr = ipaddress.ip_address(result.endpoint.host)  # scans only ever hold IP literals
+    return (addr.version, int(addr), result.endpoint.port)
+
+
+def _overflows(before: NeighbourStats | None, after: NeighbourStats | None) -> int:
+    return (after.table_fulls - before.table_fulls) if before and after else 0
+
+
+def _link_nets(links: Sequence[Link]) -> list[ipaddress.IPv4Network]:
+    return list(dict.fromkeys(link.network for link in links))
+
+
+def _hold(links: Sequence[Link]) -> float:
+    """How long our unanswered on-link entries stay INCOMPLETE, plus a margin."""
+    lifetimes = [incomplete_lifetime(i) for i in dict.fromkeys(link.interface for link in links)]
+    return max(lifetimes, default=3.0) + 0.5
+
+
+def _tcp_rate(links: Sequence[Link]) -> float:
+    return NeighbourPacer(hold=_hold(links)).rate
+
+
+def _inside(address: str, net: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.ip_address(address) in net
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -167,7 +414,11 @@ class ScanSource:
     include_loopback: bool = False
     allow_large: bool = False
     concurrency: int = 500
+    # Kept across collect() calls: it remembers which endpoints were busy (see rpc/probe.py).
     prober: Prober | None = None
+    arp_sweep: bool = True
+    sweep_above: int = SWEEP_ABOVE
+    arp_rate: float = ARP_RATE
     name: SourceName = field(default=SourceName.SCAN, init=False)
     last_stats: ScanStats = field(default_factory=ScanStats, init=False)
 
@@ -179,14 +430,23 @@ class ScanSource:
     async def collect(self) -> SourceReport:
         report = SourceReport(self.name)
         nets = self.networks()
-        prober = self.prober or Prober(timeout=self.timeout, host_up_means_busy=False)
-        scanner = Scanner(prober, concurrency=self.concurrency)
-        results = await scanner.scan(targets(nets, self.ports))
+        if self.prober is None:
+            self.prober = Prober(timeout=self.timeout, host_up_means_busy=False)
+        scanner = Scanner(
+            self.prober,
+            concurrency=self.concurrency,
+            arp_sweep=self.arp_sweep,
+            sweep_above=self.sweep_above,
+            arp_rate=self.arp_rate,
+        )
+        results = await scanner.scan_networks(nets, self.ports)
         self.last_stats = scanner.stats
+        report.warnings += scanner.warnings
         if scanner.stats.neighbour_overflows:
             report.warnings.append(
                 f"scan: the kernel's neighbour table overflowed {scanner.stats.neighbour_overflows}"
-                " times; some hosts may have been missed (lower --concurrency)"
+                f" times during the scan ({scanner.stats.retried} probes sent again); a host may"
+                " have been missed (lower --concurrency, or run as root for an ARP sweep)"
             )
         for result in results:
             report.sightings.append(Sighting(result.endpoint, self.name, "scan"))
