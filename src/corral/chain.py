@@ -45,12 +45,7 @@ class ChainOptions:
 
 
 def _scan(o: ChainOptions, prober: Prober) -> Source:
-    scan_prober = Prober(
-        timeout=o.scan_timeout,
-        client_major=prober.client_major,
-        client_minor=prober.client_minor,
-        host_up_means_busy=False,
-    )
+    scan_prober = prober.derived(o.scan_timeout, host_up_means_busy=False)
     return ScanSource(
         cidrs=o.cidrs,
         ports=o.ports,

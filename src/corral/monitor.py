@@ -21,7 +21,7 @@ from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import Endpoint
 from corral.model import Backend, ProbeResult, SourceName, Status
 from corral.node.local import local_listener_state
-from corral.rpc.probe import Prober
+from corral.rpc.probe import BUSY_MEMORY_S, Prober
 from corral.store.base import BackendRecord, Event, EventKind, Store
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ class Monitor:
         records = await self.store.backends()
         for record in records:
             self._view[record.endpoint] = record
+            recent = time.time() - record.last_seen < BUSY_MEMORY_S
+            if record.status is Status.BUSY and not record.in_use and recent:
+                # Its accept queue may be full from earlier probes: a timed-out connect to it
+                # must still read as busy (see the facts file), also in a new process.
+                self.prober.remember_busy(record.endpoint)
         return records
 
     async def run(self, stop: asyncio.Event) -> None:

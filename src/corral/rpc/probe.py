@@ -25,7 +25,7 @@ import contextlib
 import socket
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from corral.endpoint import Endpoint
 from corral.model import Device, ProbeResult, Status
@@ -112,6 +112,16 @@ class Prober:
     _busy_seen: dict[Endpoint, float] = field(default_factory=dict)
     # At most one probe of an endpoint at a time: a second caller joins the first.
     _inflight: dict[Endpoint, asyncio.Task[ProbeResult]] = field(default_factory=dict)
+
+    def derived(self, timeout: float, host_up_means_busy: bool) -> Prober:
+        """A prober with other timings that shares this one's memory: the held set, what was
+        busy moments ago (a full accept queue must not turn a busy backend offline in the next
+        scan), and probes in flight (one connection per endpoint at a time)."""
+        other = replace(self, timeout=timeout, host_up_means_busy=host_up_means_busy)
+        other.held = self.held
+        other._busy_seen = self._busy_seen
+        other._inflight = self._inflight
+        return other
 
     async def probe(self, endpoint: Endpoint) -> ProbeResult:
         if endpoint in self.held:
