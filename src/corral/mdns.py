@@ -20,6 +20,9 @@ from corral.endpoint import Endpoint, EndpointError, parse_endpoint
 
 SERVICE_TYPE = "_ggml-rpc._tcp.local."
 MAX_TXT_VALUE = 200
+MAX_ADDRESSES = 16  # per service
+MAX_SERVICES = 256  # per browse: a flood of announcements must not become a flood of probes
+RESOLVE_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +58,9 @@ def decode_service(
     services: list[MdnsService] = []
     if port is None:
         return [], [*warnings, f"{where}: no port"]
-    for addr in addresses:
+    if not addresses:
+        return [], [*warnings, f"{where}: no IPv4 address"]
+    for addr in addresses[:MAX_ADDRESSES]:
         host = f"[{addr}]" if ":" in addr else addr
         try:
             ep = parse_endpoint(f"{host}:{port}", where=where)
@@ -122,6 +127,11 @@ class MdnsAnnouncer:
         self._info = info
         await self._azc.async_update_service(info)
 
+    @property
+    def name(self) -> str:
+        """The service name as registered (registration may have changed it to be unique)."""
+        return self._info.name if self._info is not None else f"{self.instance}.{SERVICE_TYPE}"
+
     async def close(self) -> None:
         if self._info is not None:
             await self._azc.async_unregister_service(self._info)
@@ -144,16 +154,24 @@ async def browse(
     browser = AsyncServiceBrowser(azc.zeroconf, SERVICE_TYPE, handlers=[on_change])
     services: list[MdnsService] = []
     warnings: list[str] = []
+
+    async def resolve(name: str) -> tuple[list[MdnsService], list[str]]:
+        info = AsyncServiceInfo(SERVICE_TYPE, name)
+        if not await info.async_request(azc.zeroconf, RESOLVE_MS):
+            return [], [f"mdns service {name!r}: did not resolve"]
+        return decode_service(
+            name, info.parsed_addresses(IPVersion.V4Only), info.port, info.properties
+        )
+
     try:
         await asyncio.sleep(seconds)
-        for name in sorted(names):
-            info = AsyncServiceInfo(SERVICE_TYPE, name)
-            if not await info.async_request(azc.zeroconf, 1000):
-                warnings.append(f"mdns service {name!r}: did not resolve")
-                continue
-            found, warn = decode_service(
-                name, info.parsed_addresses(IPVersion.V4Only), info.port, info.properties
+        seen = sorted(names)
+        if len(seen) > MAX_SERVICES:
+            warnings.append(
+                f"mdns: {len(seen)} services announced; only the first {MAX_SERVICES} resolved"
             )
+        # At once, not one after another: each unresolvable name costs a whole RESOLVE_MS.
+        for found, warn in await asyncio.gather(*(resolve(n) for n in seen[:MAX_SERVICES])):
             services.extend(found)
             warnings.extend(warn)
     finally:

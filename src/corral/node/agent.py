@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import socket
@@ -22,7 +23,7 @@ from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.mdns import MdnsAnnouncer, encode_txt
 from corral.model import Device, Status
-from corral.node.local import LocalView, find_listener, inspect
+from corral.node.local import LocalView, find_listener, inspect, listens
 from corral.rpc.probe import Prober
 from corral.store.base import (
     DEFAULT_HEARTBEAT_S,
@@ -50,6 +51,20 @@ class NodeConfig:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     mdns: bool = True
     max_backoff_s: float = 30.0
+    # Where others reach the backend, when `endpoint` binds every interface (0.0.0.0 or ::):
+    # an unspecified address is a placeholder to every reader, so it is never published.
+    advertise: Endpoint | None = None
+
+    @property
+    def public(self) -> Endpoint:
+        return self.advertise or self.endpoint
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def restart_delay(failures: int, max_s: float) -> float:
@@ -72,27 +87,46 @@ class NodeAgent:
     _version: str | None = field(default=None, init=False)
     _devices: tuple[Device, ...] = field(default=(), init=False)
     _announcer: MdnsAnnouncer | None = field(default=None, init=False)
+    _announced: dict[str, str] | None = field(default=None, init=False)
+    _store_up: bool | None = field(default=None, init=False)
     last: NodeRegistration | None = field(default=None, init=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
             await self._begin()
+            loop = asyncio.get_running_loop()
             while not stop.is_set():
+                started = loop.time()
                 await self.beat()
+                # Beat on a fixed period: a slow beat must not stretch the gap between two
+                # registrations towards the TTL (three beats), or a live node would flicker.
+                wait = max(0.0, self.config.heartbeat_s - (loop.time() - started))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.config.heartbeat_s)
+                    await asyncio.wait_for(stop.wait(), wait)
         finally:
             await self._end()
 
     async def _begin(self) -> None:
-        ep = self.config.endpoint
+        ep = self.config.public
         if self.config.attach:
-            self._pid = await asyncio.to_thread(find_listener, ep.port, ep.host)
+            bind = self.config.endpoint
+            self._pid = await asyncio.to_thread(find_listener, bind.port, bind.host)
             if self._pid is None:
                 log.warning("node: no ggml-rpc-server listens on %s yet; will keep looking", ep)
         else:
             await self._start_child()
-        if self.config.mdns:
+        log.info(
+            "node %s: %s ggml-rpc-server on %s (pid %s)%s; heartbeat every %gs",
+            self.config.node_id,
+            "attached to" if self.config.attach else "started",
+            self.config.endpoint,
+            self._pid,
+            f", published as {ep}" if ep != self.config.endpoint else "",
+            self.config.heartbeat_s,
+        )
+        if self.config.mdns and _is_loopback(ep.host):
+            log.info("node: %s is a loopback address; not announced by mDNS", ep.host)
+        elif self.config.mdns:
             try:
                 self._announcer = MdnsAnnouncer(
                     ep, f"corral-{self.config.node_id[:8]}-{ep.port}", ep.host if ep.is_ip else None
@@ -117,6 +151,20 @@ class NodeAgent:
         )
         await self.child.start()
         self._pid = self.child.pid
+        await self._until_listening(self.config.heartbeat_s)
+
+    async def _until_listening(self, seconds: float) -> None:
+        """A fresh backend takes a moment to listen: let the next beat see it up, not offline.
+        At most one beat, so the registration never goes unrefreshed for its TTL."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        port = self.config.endpoint.port
+        while loop.time() < deadline:
+            if self.child is None or self.child.returncode is not None:
+                return
+            if await asyncio.to_thread(listens, self._pid, port):
+                return
+            await asyncio.sleep(0.02)
 
     async def _supervise(self) -> None:
         """Restart a crashed backend, with backoff so a crash loop does not spin."""
@@ -142,6 +190,12 @@ class NodeAgent:
             self._next_start = 0.0
             await self._start_child()
             self.restarts += 1
+            log.info(
+                "node: restarted ggml-rpc-server on %s (pid %s, restart %d)",
+                self.config.endpoint,
+                self._pid,
+                self.restarts,
+            )
 
     async def _view(self) -> LocalView:
         return await asyncio.to_thread(inspect, self._pid, self.config.endpoint.port)
@@ -154,7 +208,7 @@ class NodeAgent:
             self._failures = 0  # healthy for a while: forget old crashes
         reg = NodeRegistration(
             node_id=self.config.node_id,
-            endpoint=self.config.endpoint,
+            endpoint=self.config.public,
             hostname=socket.gethostname(),
             status=status,
             version=self._version,
@@ -173,7 +227,7 @@ class NodeAgent:
             return Status.OFFLINE, None
         if view.client is not None:
             return Status.BUSY, view.client
-        result = await self.prober.probe(self.config.endpoint)
+        result = await self.prober.probe(self.config.public)
         if result.status is Status.READY:
             self._version, self._devices = result.version, result.devices
         return result.status, None
@@ -184,13 +238,17 @@ class NodeAgent:
                 await self.store.register_node(reg)
             except Exception as exc:  # the store being down must not stop the heartbeat
                 log.warning("node: heartbeat to store failed: %s", exc)
+            self._report_store()
         for publish in self.extra_publishers:
             try:
                 await publish(reg)
             except Exception as exc:
                 log.warning("node: heartbeat publish failed: %s", exc)
         if self._announcer is not None:
-            devices = json.dumps([[d.index, d.free_bytes, d.total_bytes] for d in reg.devices])
+            devices = json.dumps(
+                [[d.index, d.free_bytes, d.total_bytes] for d in reg.devices],
+                separators=(",", ":"),
+            )
             txt = encode_txt(
                 {
                     "version": reg.version,
@@ -200,16 +258,34 @@ class NodeAgent:
                     "devices": devices,
                 }
             )
+            if txt == self._announced:
+                return  # multicast only what changed; the records' own TTLs keep them alive
             try:
                 await self._announcer.update(txt)
             except Exception as exc:
                 log.warning("node: mDNS announce failed: %s", exc)
+                return
+            if self._announced is None:
+                log.info("node: announced %s on mDNS", self._announcer.name)
+            self._announced = txt
+
+    def _report_store(self) -> None:
+        """Say what the store noticed (Redis gone, back, entries dropped): it only collects."""
+        assert self.store is not None
+        for warning in self.store.warnings:
+            log.warning("store: %s", warning)
+        self.store.warnings.clear()
+        up = getattr(self.store, "redis_up", None)
+        if isinstance(up, bool) and up != self._store_up:
+            if up and self._store_up is not None:
+                log.info("store: redis reachable again; registration caught up")
+            self._store_up = up
 
     async def _event(self, kind: EventKind, message: str) -> None:
         log.warning("%s", message)
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.store.add_event(Event(kind, message, self.config.endpoint))
+                await self.store.add_event(Event(kind, message, self.config.public))
 
     async def _end(self) -> None:
         if self._announcer is not None:

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import signal
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
+from corral.net.neighbours import local_addresses
 from corral.node.agent import NodeAgent, NodeConfig, Publish
 from corral.node.local import node_id
 from corral.paths import state_dir
+from corral.rpc.probe import Prober
 from corral.store.base import NodeRegistration
 from corral.store.factory import open_store
 
@@ -51,8 +56,50 @@ def check_bind_host(host: str, allow_any: bool) -> None:
         )
 
 
+def advertise_host(bind_host: str, addresses: Iterable[str]) -> str:
+    """Pure: the address to publish for a backend bound to `bind_host`.
+
+    A concrete address is itself. Every interface (0.0.0.0 / ::) is published as this machine's
+    first global address of that family (sorted, so it stays the same across restarts), else
+    loopback: an unspecified address is a placeholder to every reader and is never published.
+    """
+    addr = ipaddress.ip_address(bind_host)
+    if not addr.is_unspecified:
+        return bind_host
+    usable = []
+    for text in addresses:
+        try:
+            cand = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if cand.version == addr.version and not (
+            cand.is_loopback or cand.is_link_local or cand.is_unspecified or cand.is_multicast
+        ):
+            usable.append(cand)
+    if not usable:
+        return "127.0.0.1" if addr.version == 4 else "::1"
+    return str(min(usable))
+
+
+def setup_logging() -> None:
+    """The node is a long-running service: timestamped lines on stderr (its supervisor's log)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def probe_timeout(heartbeat_s: float) -> float:
+    """Pure: a probe of the node's own backend must fit in one beat, or a slow backend would
+    stretch the gap between registrations past their TTL (three beats) and the node flicker."""
+    return max(0.1, min(1.0, heartbeat_s))
+
+
 async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
     check_bind_host(opts.host, opts.allow_any_address)
+    setup_logging()
     if not opts.attach and binaries is None:
         raise NodeOptionsError("no ggml-rpc-server to start: run `corral llama install`")
     directory = state_dir()
@@ -65,8 +112,10 @@ async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
             await post_heartbeat(url, token, reg)
 
         publishers.append(partial(http_publish, opts.register_url, opts.token))
+    public = advertise_host(opts.host, await asyncio.to_thread(local_addresses))
     config = NodeConfig(
         endpoint=Endpoint(opts.host, opts.port),
+        advertise=Endpoint(public, opts.port) if public != opts.host else None,
         node_id=node_id(directory, opts.host, opts.port),
         log_dir=directory / "logs",
         attach=opts.attach,
@@ -76,7 +125,9 @@ async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
         heartbeat_s=opts.heartbeat_s,
         mdns=opts.mdns,
     )
-    agent = NodeAgent(config, binaries, store, publishers)
+    agent = NodeAgent(
+        config, binaries, store, publishers, prober=Prober(timeout=probe_timeout(opts.heartbeat_s))
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

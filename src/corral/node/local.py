@@ -44,6 +44,17 @@ def find_listener(port: int, host: str | None = None) -> int | None:
     return None
 
 
+def listens(pid: int | None, port: int) -> bool:
+    """Does process `pid` listen on TCP `port`? (/proc only: no connection to the backend.)"""
+    if pid is None:
+        return False
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
 def inspect(pid: int | None, port: int) -> LocalView:
     """Blocking (walks /proc): call from a thread."""
     if pid is None:

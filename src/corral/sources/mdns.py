@@ -1,12 +1,46 @@
-"""Source `mdns`: ggml RPC services announced on the local network (DNS-SD)."""
+"""Source `mdns`: ggml RPC services announced on the local network (DNS-SD).
+
+Like the registry, a node's announcement says what the network cannot see: a backend its node
+reports as held by a client is handed on as `busy` with that client, not probed (a held backend
+answers nobody else, and every probe left waiting fills its accept queue). What the TXT says is
+untrusted: the client must pass the endpoint gate, or the backend is simply probed.
+"""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from corral import mdns
-from corral.model import Sighting, SourceName
+from corral.endpoint import EndpointError, parse_endpoint
+from corral.model import Device, ProbeResult, Sighting, SourceName, Status
 from corral.sources.base import SourceReport
+
+_VERSION = re.compile(r"^[0-9]{1,5}\.[0-9]{1,5}\.[0-9]{1,5}$")
+
+
+def held_result(svc: mdns.MdnsService) -> tuple[ProbeResult | None, str | None]:
+    """Pure: the probe result a `busy` announcement stands for, or a warning why not."""
+    if svc.txt.get("status") != str(Status.BUSY):
+        return None, None
+    where = f"mdns service {svc.name!r}: TXT 'client'"
+    try:
+        client = parse_endpoint(svc.txt.get("client", ""), where=where)
+    except EndpointError as exc:
+        return None, f"{exc}; probing instead"
+    devices = tuple(
+        Device(d["index"], d["free_bytes"], d["total_bytes"]) for d in mdns.txt_devices(svc.txt)
+    )
+    return (
+        ProbeResult(
+            svc.endpoint,
+            Status.BUSY,
+            version=version if _VERSION.match(version := svc.txt.get("version", "")) else None,
+            devices=devices,
+            error=f"in use by {client} (announced by its node)",
+        ),
+        None,
+    )
 
 
 @dataclass
@@ -25,4 +59,9 @@ class MdnsSource:
         report.warnings.extend(warnings)
         for svc in services:
             report.sightings.append(Sighting(svc.endpoint, self.name, svc.name))
+            held, warning = held_result(svc)
+            if warning is not None:
+                report.warnings.append(warning)
+            if held is not None and str(svc.endpoint) not in report.probes:
+                report.probes[str(svc.endpoint)] = held
         return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from corral.endpoint import EndpointError, parse_endpoint
 from corral.model import ProbeResult, Sighting, SourceName, Status
 from corral.sources.base import SourceReport
 from corral.store.base import Store
@@ -28,12 +29,20 @@ class RegistrySource:
             report.sightings.append(
                 Sighting(reg.endpoint, self.name, f"node {reg.node_id} on {reg.hostname}")
             )
-            if reg.status is Status.BUSY and reg.client:
-                report.probes[str(reg.endpoint)] = ProbeResult(
-                    reg.endpoint,
-                    Status.BUSY,
-                    version=reg.version,
-                    devices=reg.devices,
-                    error=f"in use by {reg.client} (reported by its node)",
+            if reg.status is not Status.BUSY or not reg.client:
+                continue
+            try:
+                client = parse_endpoint(
+                    reg.client, where=f"registry node {reg.node_id}: field 'client'"
                 )
+            except EndpointError as exc:
+                report.warnings.append(f"{exc}; probing instead")
+                continue
+            report.probes[str(reg.endpoint)] = ProbeResult(
+                reg.endpoint,
+                Status.BUSY,
+                version=reg.version,
+                devices=reg.devices,
+                error=f"in use by {client} (reported by its node)",
+            )
         return report
