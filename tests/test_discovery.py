@@ -225,3 +225,14 @@ async def test_real_chain_running_coordinator_decides(
     for ep, want in ((held1, Status.BUSY), (held2, Status.BUSY), (spare, Status.READY)):
         probe = by_ep[ep].probe
         assert probe is not None and probe.status is want, (ep, probe)
+
+
+def test_empty_sources_option_is_refused_not_the_default_chain() -> None:
+    # An empty --sources must not silently run mdns and a scan of the real networks.
+    import pytest
+
+    from corral.chain import ChainError, parse_source_names
+
+    with pytest.raises(ChainError, match="empty"):
+        parse_source_names("  ")
+    assert parse_source_names(None)[0].value == "process"

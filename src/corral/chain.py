@@ -40,7 +40,7 @@ class ChainOptions:
     include_loopback: bool = False
     allow_large: bool = False
     concurrency: int = 500
-    mdns_seconds: float = 1.5
+    mdns_seconds: float = 2.0
     store: Store | None = None
 
 
@@ -74,8 +74,10 @@ FACTORIES: dict[SourceName, Callable[[ChainOptions, Prober], Source]] = {
 
 
 def parse_source_names(text: str | None) -> list[SourceName]:
-    if not text:
+    if text is None:
         return list(DEFAULT_ORDER)
+    if not text.strip():
+        raise ChainError("--sources: empty; name at least one source, e.g. file,scan")
     names: list[SourceName] = []
     for raw in text.split(","):
         item = raw.strip()

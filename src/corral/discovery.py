@@ -69,7 +69,8 @@ class Discovery:
         for backend, result in zip(unprobed, results, strict=True):
             backend.probe = result
         deciding, chosen = choose(reports, backends)
-        warnings = [w for r in reports for w in r.warnings]
+        # The same bad entry may be read by two sources (cache and registry): say it once.
+        warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
         return DiscoveryResult(backends, deciding, chosen, warnings)
 
     async def _collect(self, source: Source) -> SourceReport:
