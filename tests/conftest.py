@@ -70,9 +70,7 @@ StartRpc = Callable[..., Awaitable[tuple[Endpoint, Child]]]
 
 
 @pytest.fixture
-async def rpc_server(
-    llama_bins: LlamaBinaries, tmp_path: Path
-) -> AsyncIterator[StartRpc]:
+async def rpc_server(llama_bins: LlamaBinaries, tmp_path: Path) -> AsyncIterator[StartRpc]:
     """Factory: `ep, child = await rpc_server()` starts a real ggml-rpc-server, waits ready."""
     children: list[Child] = []
 

@@ -314,16 +314,29 @@ def llama_bin_dir() -> None:
 
 @app.command()
 def demo(
-    keep: Annotated[bool, typer.Option(help="Keep the backends running until Ctrl-C.")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="Exit after the first answer instead of running on.")
+    ] = False,
+    dashboard_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port of the dashboard (127.0.0.1).")
+    ] = 8080,
+    coordinator_port: Annotated[
+        int, typer.Option(min=1, max=65535, help="Port of llama-server (127.0.0.1).")
+    ] = 18080,
 ) -> None:
-    """Start two local backends and show `corral backends` finding them."""
-    from corral.demo import run_demo
+    """A local cluster in one command: two backends, the dashboard, the coordinator, an answer.
+
+    Runs until Ctrl-C (or --once). POSTs need the token it prints (or CORRAL_TOKEN).
+    """
+    from corral.demo import DemoPorts, run_demo
 
     try:
         binaries = find_binaries()
     except BinariesNotFound as exc:
         _binaries_missing(exc)
-    code = asyncio.run(run_demo(binaries, _stdout(), keep))
+    ports = DemoPorts(dashboard_port, coordinator_port)
+    # Soft wrap: log lines and the answer stay one line each, whatever the width.
+    code = asyncio.run(run_demo(binaries, Console(soft_wrap=True), once, ports))
     raise typer.Exit(code)
 
 
@@ -425,6 +438,19 @@ def node(
 
 
 # --- end of node agent ---------------------------------------------------------------------
+
+
+# --- dashboard and control plane (issue "Dashboard") ----------------------------------------
+# `corral dashboard` (page + API + metrics + monitor) and `corral up` (that, plus the coordinator,
+# in one process) live in corral.control_plane.command; here they are only registered.
+from corral.control_plane.command import dashboard as dashboard_command  # noqa: E402
+from corral.control_plane.command import up as up_command  # noqa: E402
+
+app.command("dashboard")(dashboard_command)
+app.command("up")(up_command)
+
+
+# --- end of dashboard and control plane -----------------------------------------------------
 
 
 def main() -> None:

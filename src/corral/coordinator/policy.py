@@ -14,7 +14,9 @@ The rules:
 - a start uses the backends it held before that still answer, plus the settled newcomers; the
   very first start uses every ready backend;
 - fewer than `min_backends` ready: serve on local devices alone (with a warning) or wait;
-- llama-server failing soon after its start, again and again, backs off exponentially.
+- llama-server failing soon after its start, again and again, backs off exponentially;
+- a restart someone asked for (with a reason) is planned: drain, stop, then start at once (any
+  backoff waived) with every backend ready now: a person asked, so no debounce applies.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Observation:
     ready: frozenset[Endpoint]  # fresh probes said ready; never includes a held backend
     serving: Serving | None = None
     exit: Exit | None = None
+    requested: str | None = None  # someone asked for a restart, for this reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,7 @@ class Memory:
     failures: int = 0
     not_before: float = 0.0
     reason: str | None = None  # why the next start is a restart
+    take_ready: bool = False  # the next start uses every ready backend (a requested restart)
 
 
 class Do(StrEnum):
@@ -151,7 +155,7 @@ def _plan_start(cfg: PolicyConfig, mem: Memory, obs: Observation) -> tuple[Actio
         return Action(
             Do.WAIT, f"backing off after {mem.failures} failed starts: next in {wait:.1f} s"
         ), mem
-    if mem.last_set is None:
+    if mem.last_set is None or mem.take_ready:
         chosen = obs.ready
     else:
         kept = (mem.last_set - mem.lost) & obs.ready
@@ -179,7 +183,9 @@ def _plan_start(cfg: PolicyConfig, mem: Memory, obs: Observation) -> tuple[Actio
     used = frozenset(action.backends)
     # The ones we start with are held from now on: their readiness is no longer tracked.
     since = {e: t for e, t in mem.ready_since.items() if e not in used}
-    return action, replace(mem, last_set=used, lost=frozenset(), reason=None, ready_since=since)
+    return action, replace(
+        mem, last_set=used, lost=frozenset(), reason=None, ready_since=since, take_ready=False
+    )
 
 
 def _watch(cfg: PolicyConfig, mem: Memory, obs: Observation, s: Serving) -> tuple[Action, Memory]:
@@ -204,6 +210,8 @@ def _watch(cfg: PolicyConfig, mem: Memory, obs: Observation, s: Serving) -> tupl
         )
         # Not llama-server's fault: no backoff. The silent backend will not probe ready.
         return Action(Do.STOP, reason), replace(mem, not_before=obs.now, reason=reason)
+    if obs.requested is not None:
+        return Action(Do.STOP, mem.reason or "restart requested", drain=True), mem
     if mem.failures and s.unhealthy_since is None and obs.now - s.started_at >= cfg.stable_after_s:
         mem = replace(mem, failures=0)
     newcomers = settled(mem, cfg, obs.now) - s.backends
@@ -223,6 +231,13 @@ def decide(cfg: PolicyConfig, mem: Memory, obs: Observation) -> tuple[Action, Me
     mem = _track(mem, obs)
     if obs.exit is not None:
         mem = _after_exit(cfg, mem, obs, obs.exit)
+    if obs.requested is not None:
+        mem = replace(
+            mem,
+            take_ready=True,
+            not_before=min(mem.not_before, obs.now),
+            reason=f"restart requested: {obs.requested}",
+        )
     if obs.serving is None:
         return _plan_start(cfg, mem, obs)
     return _watch(cfg, mem, obs, obs.serving)

@@ -6,7 +6,11 @@ Each tick it looks at
 - the candidates it does not hold: a fresh probe each `probe_every_s`, at once after a stop;
 - live node registrations: a held backend whose node stops its heartbeat is lost;
 then hands that to policy.decide and carries out the answer: start (wait for /health ready),
-stop (drain first when planned), or wait.
+stop (drain first when planned), or wait. A restart someone asks for (`request_restart`) is one
+more input to the policy, taken at the next look.
+
+What it holds is also kept in its prober's `held` set, at the moment it starts or stops holding
+it: a prober shared with a monitor must never connect to a backend llama-server is taking.
 """
 
 from __future__ import annotations
@@ -86,9 +90,27 @@ class Runner:
     _busy: bool = field(default=False, init=False)  # requests in flight at the last look
     _work_done: float = field(default=-1.0, init=False)
     _progress_at: float = field(default=0.0, init=False)
+    # Restart requests not yet seen by the policy, and the callers waiting for the start that
+    # follows the ones it has seen (True: serving again; False: that start failed).
+    _asked: list[str] = field(default_factory=list, init=False)
+    _asked_waiters: list[asyncio.Future[bool]] = field(default_factory=list, init=False)
+    _restart_waiters: list[asyncio.Future[bool]] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._http = ServerHttp(self.opts.base_url)
+
+    @property
+    def held(self) -> frozenset[Endpoint]:
+        """The backends the llama-server started (or being started) holds right now."""
+        return frozenset(self.server.backends) if self.server else frozenset()
+
+    def request_restart(self, reason: str) -> asyncio.Future[bool]:
+        """Ask for a planned restart. The future is True once llama-server serves again after
+        it, False if that start failed; cancelled if the coordinator stops first."""
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._asked.append(reason)
+        self._asked_waiters.append(waiter)
+        return waiter
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set; always leaves nothing running behind."""
@@ -143,7 +165,11 @@ class Runner:
             unhealthy, stalled = await asyncio.gather(self._health(), self._progress(fresh))
             serving = Serving(held, server.started_at, lost, unhealthy, stalled)
         ready = self._round.ready - held if self._round else frozenset()
-        return Observation(time.monotonic(), ready, serving, exit_)
+        # Taken only here: a start already under way when the request came does not answer it.
+        requested = "; ".join(dict.fromkeys(self._asked)) or None
+        self._restart_waiters += self._asked_waiters
+        self._asked, self._asked_waiters = [], []
+        return Observation(time.monotonic(), ready, serving, exit_, requested)
 
     async def _act(self, action: Action) -> None:
         if action.do is Do.WAIT:
@@ -269,10 +295,12 @@ class Runner:
         # Published before the start: the monitor must not probe what llama-server connects to.
         await self.publish.state("starting", backends=action.backends, reason=action.reason)
         self.server = server  # before start(): a cancel from here on still stops it
+        self.candidates.prober.held.update(server.backends)
         try:
             await server.start()
         except OSError as exc:
             self.server = None
+            self.candidates.prober.held.difference_update(server.backends)
             raise CoordinatorError(f"cannot start {self.llama_server}: {exc}") from None
         failed = await self._wait_ready(server)
         if failed is not None:
@@ -300,6 +328,7 @@ class Runner:
         self._pending_exit = Exit(
             frozenset(server.backends), server.started_at, detail, while_loading=True
         )
+        self._answer_restart(False)
         self.publish.warn(f"llama-server {detail} (log: {self.log_path})")
         await self.publish.event(
             EventKind.COORDINATOR_FAILED,
@@ -337,6 +366,13 @@ class Runner:
             reason=action.reason,
             restarted=action.restart,
         )
+        self._answer_restart(True)
+
+    def _answer_restart(self, serving: bool) -> None:
+        for waiter in self._restart_waiters:
+            if not waiter.done():
+                waiter.set_result(serving)
+        self._restart_waiters = []
 
     async def _stop(self, action: Action) -> None:
         server = self.server
@@ -368,6 +404,7 @@ class Runner:
         """It no longer runs: nothing is held, and the next look must come at once."""
         if self.server is server:
             self.server = None
+        self.candidates.prober.held.difference_update(server.backends)
         self.candidates.release(server.backends)
         self._round_at = float("-inf")
 
@@ -407,6 +444,7 @@ class Runner:
             )
         await self._check_model()
         self.server = found
+        self.candidates.prober.held.update(found.backends)
         self.memory = Memory(last_set=frozenset(found.backends))
         await self._serving(
             found,
@@ -414,6 +452,8 @@ class Runner:
         )
 
     async def _shutdown(self) -> None:
+        for waiter in [*self._asked_waiters, *self._restart_waiters]:
+            waiter.cancel()
         server = self.server
         try:
             if server is not None:

@@ -1,0 +1,22 @@
+"""The control plane in one process: dashboard + monitor (+ coordinator), sharing one store and
+one prober. `corral dashboard`, `corral up` and `corral demo` run it."""
+
+from corral.control_plane.plane import (
+    CoordinatorPlan,
+    Plane,
+    PlaneConfig,
+    PlaneError,
+    WatchPlan,
+    run_plane,
+    shared_prober,
+)
+
+__all__ = [
+    "CoordinatorPlan",
+    "Plane",
+    "PlaneConfig",
+    "PlaneError",
+    "WatchPlan",
+    "run_plane",
+    "shared_prober",
+]

@@ -1,0 +1,295 @@
+"""Build and run the control plane: the dashboard, the monitor and (with a model) the coordinator,
+in one event loop, over one store and one prober.
+
+Order of start: the dashboard binds first (a taken port fails before anything else starts), then
+the monitor, then — after the monitor's first discovery run, so its first start sees every
+backend — the coordinator. Everything stops on `stop`, and every child process is stopped
+before `run_plane` returns (they also die with this process: corral.supervisor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from corral.chain import ChainOptions, build_chain
+from corral.control_plane.parts import MonitorRescan, RunnerMonitor, first_discovery
+from corral.coordinator.candidates import Candidates
+from corral.coordinator.control import RunnerControl
+from corral.coordinator.pidfile import AlreadyRunning, claim, log_path, pidfile_path, release
+from corral.coordinator.policy import PolicyConfig
+from corral.coordinator.publish import Publisher, Say
+from corral.coordinator.runner import CoordinatorError, Runner, Timings
+from corral.discovery import Discovery
+from corral.endpoint import Endpoint
+from corral.llama.binaries import LlamaBinaries
+from corral.llama.server import ServerOptions
+from corral.model import SourceName
+from corral.monitor import Monitor
+from corral.rpc import protocol
+from corral.rpc.probe import Prober
+from corral.store.base import Store
+from corral.store.factory import open_store
+from corral.web import check_bind, create_app, serve
+
+log = logging.getLogger(__name__)
+
+FIRST_DISCOVERY_S = 30.0  # the coordinator waits this long for it, then starts regardless
+SHUTDOWN_S = 30.0  # bound on stopping everything (llama-server gets its own grace inside)
+
+
+class PlaneError(Exception):
+    """The control plane could not run; `code` is the exit status (1: could not, 2: bad input)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class WatchPlan:
+    """What the monitor runs: the discovery chain and its two paces."""
+
+    sources: list[SourceName]
+    chain: ChainOptions
+    recheck_s: float = 2.0
+    discover_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinatorPlan:
+    model: Path
+    llama_server: Path
+    server: ServerOptions
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    timings: Timings = field(default_factory=Timings)
+    explicit: tuple[Endpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PlaneConfig:
+    state: Path
+    watch: WatchPlan
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    insecure: bool = False
+    coordinator: CoordinatorPlan | None = None
+    coordinator_url: str | None = None  # /v1 forwarding when no coordinator runs in-process
+    redis_url: str | None = None
+    environ: Mapping[str, str] | None = None  # for the store's Redis settings; None: os.environ
+
+
+@dataclass
+class Plane:
+    """What runs, for whoever started it (handed to `on_ready`)."""
+
+    store: Store
+    monitor: Monitor
+    runner: Runner | None
+    dashboard_url: str
+
+
+def shared_prober(binaries: LlamaBinaries | None, timeout: float = 1.0) -> Prober:
+    """One prober for the monitor and the coordinator, judging compatibility against the
+    llama-server that will connect to the backends."""
+    major, minor = protocol.CLIENT_PROTO_MAJOR, protocol.CLIENT_PROTO_MINOR
+    if binaries and binaries.rpc_proto_major is not None and binaries.rpc_proto_minor is not None:
+        major, minor = binaries.rpc_proto_major, binaries.rpc_proto_minor
+    return Prober(timeout=timeout, client_major=major, client_minor=minor)
+
+
+def stop_on_signals(stop: asyncio.Event) -> None:
+    """SIGINT and SIGTERM set `stop`: everything then stops in order, children first."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def _url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+def _runner(
+    cfg: PlaneConfig, plan: CoordinatorPlan, store: Store, prober: Prober, say: Say, warn: Say
+) -> Runner:
+    port = plan.server.port
+    return Runner(
+        opts=plan.server,
+        model=plan.model,
+        llama_server=plan.llama_server,
+        candidates=Candidates(plan.explicit, store, prober),
+        publish=Publisher(store, port, say, warn),
+        log_path=log_path(cfg.state, port),
+        policy=plan.policy,
+        timings=plan.timings,
+    )
+
+
+def _monitor(cfg: PlaneConfig, store: Store, prober: Prober, runner: Runner | None) -> Monitor:
+    chain = replace(cfg.watch.chain, store=store)
+    names = cfg.watch.sources
+
+    def discovery() -> Discovery:
+        return Discovery(build_chain(names, chain, prober), prober)
+
+    if runner is None:  # a coordinator elsewhere: what it holds comes from the store
+        return Monitor(store, prober, discovery, cfg.watch.recheck_s, cfg.watch.discover_s)
+    return RunnerMonitor(
+        store,
+        prober,
+        discovery,
+        cfg.watch.recheck_s,
+        cfg.watch.discover_s,
+        held_now=lambda: runner.held,
+    )
+
+
+async def run_plane(
+    cfg: PlaneConfig,
+    prober: Prober,
+    stop: asyncio.Event,
+    *,
+    say: Say,
+    warn: Say,
+    on_ready: Callable[[Plane], None] | None = None,
+) -> None:
+    """Run until `stop` is set (or a part fails: PlaneError). Raises InsecureBindError before
+    anything starts when the dashboard would listen beyond loopback without a token."""
+    check_bind(cfg.host, cfg.token, cfg.insecure)
+    try:
+        store = await open_store(cfg.redis_url, cfg.state, environ=cfg.environ)
+    except ValueError as exc:
+        raise PlaneError(str(exc), 2) from None
+    pid_path = pidfile_path(cfg.state, cfg.coordinator.server.port) if cfg.coordinator else None
+    try:
+        if pid_path is not None:
+            try:
+                await asyncio.to_thread(claim, pid_path)
+            except AlreadyRunning as exc:
+                port = cfg.coordinator.server.port if cfg.coordinator else 0
+                raise PlaneError(f"coordinator port {port}: {exc}") from None
+        await _run(cfg, store, prober, stop, say, warn, on_ready)
+    finally:
+        if pid_path is not None:
+            await asyncio.to_thread(release, pid_path)
+        await store.close()
+
+
+async def _run(
+    cfg: PlaneConfig,
+    store: Store,
+    prober: Prober,
+    stop: asyncio.Event,
+    say: Say,
+    warn: Say,
+    on_ready: Callable[[Plane], None] | None,
+) -> None:
+    plan = cfg.coordinator
+    runner = _runner(cfg, plan, store, prober, say, warn) if plan else None
+    monitor = _monitor(cfg, store, prober, runner)
+    control = None
+    if runner is not None:
+        t = runner.timings
+        control = RunnerControl(
+            runner, restart_timeout_s=t.drain_timeout_s + t.stop_grace_s + t.start_timeout_s + 30
+        )
+    app = create_app(
+        store,
+        rescan=MonitorRescan(monitor),
+        coordinator=control,
+        coordinator_url=runner.opts.base_url if runner else cfg.coordinator_url,
+        token=cfg.token,
+    )
+    bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    tasks: dict[str, asyncio.Task[None]] = {}
+    tasks["dashboard"] = asyncio.create_task(
+        serve(
+            app,
+            cfg.host,
+            cfg.port,
+            insecure=cfg.insecure,
+            stop=stop,
+            on_ready=bound.set_result,
+            handle_signals=False,
+        )
+    )
+    try:
+        first: set[asyncio.Future[Any]] = {bound, tasks["dashboard"]}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if not bound.done():  # it ended before it was up: failed, or stopped that early
+            _raise_failure("dashboard", tasks["dashboard"], stop)
+            return
+        tasks["monitor"] = asyncio.create_task(monitor.run(stop))
+        if runner is not None and control is not None:
+            if not await _first_discovery(monitor, stop) and not stop.is_set():
+                warn(f"no discovery run completed in {FIRST_DISCOVERY_S:g} s; starting anyway")
+            if not stop.is_set():
+                tasks["coordinator"] = asyncio.create_task(runner.run(stop))
+                tasks["speed"] = asyncio.create_task(control.run(stop))
+        if on_ready is not None and not stop.is_set():
+            on_ready(Plane(store, monitor, runner, _url(cfg.host, bound.result())))
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait(
+            {stopped, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED
+        )
+        stopped.cancel()
+        failed = next((n for n, t in tasks.items() if t in done and not stop.is_set()), None)
+        stop.set()
+        await _finish(tasks)
+        if failed is not None:
+            _raise_failure(failed, tasks[failed], None)
+    finally:
+        stop.set()
+        await _finish(tasks)
+
+
+async def _first_discovery(monitor: Monitor, stop: asyncio.Event) -> bool:
+    waiting = asyncio.create_task(first_discovery(monitor, FIRST_DISCOVERY_S))
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    found = waiting.done() and waiting.result()
+    for task in (waiting, stopped):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return found
+
+
+async def _finish(tasks: dict[str, asyncio.Task[None]]) -> None:
+    """Let every part stop by itself (they all watch `stop`); cancel what overstays."""
+    pending = [t for t in tasks.values() if not t.done()]
+    if not pending:
+        return
+    _, late = await asyncio.wait(pending, timeout=SHUTDOWN_S)
+    for task in late:
+        log.warning("control plane: a part did not stop in %g s; cancelling it", SHUTDOWN_S)
+        task.cancel()
+    for task in late:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+def _raise_failure(name: str, task: asyncio.Task[None], stop: asyncio.Event | None) -> None:
+    """Raise what ended the part `name` (a PlaneError when it is the user's to fix)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is None:
+        if stop is not None and stop.is_set():
+            return  # asked to stop
+        raise PlaneError(f"the {name} stopped unexpectedly")
+    if isinstance(exc, CoordinatorError):
+        # The runner speaks in `coordinator run`'s options; here llama-server's is another.
+        message = str(exc).replace("--port", "--coordinator-port")
+        raise PlaneError(f"coordinator: {message}") from None
+    if isinstance(exc, OSError):  # the dashboard's port: taken, or not ours to bind
+        raise PlaneError(f"dashboard: {exc}; choose another --port") from None
+    raise exc
