@@ -23,7 +23,6 @@ import httpx
 import psutil
 import pytest
 
-from corral.control_plane.parts import RunnerMonitor
 from corral.coordinator.control import generation_counters, tokens_per_second
 from corral.coordinator.policy import Do, Memory, Observation, PolicyConfig, Serving, decide
 from corral.demo import DEMO_BACKENDS, printable
@@ -521,7 +520,7 @@ async def test_monitor_takes_what_is_held_from_the_runner_not_the_lagging_record
 
         await Monitor(store, prober, nothing).recheck_once()
         assert prober.held == {A, B}  # the record's view
-        monitor = RunnerMonitor(store, prober, nothing, held_now=lambda: frozenset(holding))
+        monitor = Monitor(store, prober, nothing, held_now=lambda: frozenset(holding))
         await monitor.recheck_once()
         assert prober.held == {B}
         holding.clear()

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 from corral.discovery import Discovery, DiscoveryResult
@@ -88,6 +88,10 @@ class Monitor:
     make_discovery: Callable[[], Discovery]
     recheck_s: float = 2.0
     discover_s: float = 60.0
+    # What the coordinator holds, from an in-process coordinator. Without one the store's
+    # CoordinatorRecord says; it lags a restart (still naming the old set), which in one process
+    # would make the coordinator's own probes of freed backends read "held".
+    held_now: Callable[[], Collection[Endpoint]] | None = None
     stats: MonitorStats = field(default_factory=MonitorStats)
     _view: dict[Endpoint, BackendRecord] = field(default_factory=dict)
     _rescan: asyncio.Event = field(default_factory=asyncio.Event)
@@ -144,6 +148,8 @@ class Monitor:
             await asyncio.sleep(max(0.0, self.recheck_s - (time.monotonic() - started)))
 
     async def _held(self) -> set[Endpoint]:
+        if self.held_now is not None:
+            return set(self.held_now())
         coord = await self.store.coordinator()
         if coord is None or coord.state in ("stopped", "failed"):
             return set()
@@ -156,8 +162,6 @@ class Monitor:
         result = await self.make_discovery().run()
         for w in result.warnings:
             log.warning("%s", w)
-        self.stats.scans += 1
-        self.stats.last_scan_s = time.time()
         seen = {b.endpoint for b in result.backends}
         async with self._lock:
             await self._apply(result.backends, held)
@@ -169,6 +173,9 @@ class Monitor:
                     await self._event(
                         Event(EventKind.BACKEND_GONE, f"{ep} disappeared: no source sees it", ep)
                     )
+        # Counted once its results are in the store: a rescan waiting on this sees them.
+        self.stats.scans += 1
+        self.stats.last_scan_s = time.time()
         return result
 
     async def recheck_once(self) -> None:

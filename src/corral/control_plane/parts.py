@@ -1,9 +1,7 @@
 """How the monitor and the dashboard meet an in-process coordinator.
 
-- `RunnerMonitor`: the monitor, told what the coordinator holds by the Runner itself rather than
-  by the store. The store's record lags: after llama-server stops it still names the old set
-  ("restarting"), and with one prober shared, holding those would make the Runner's own probes
-  of the freed backends answer "busy (not probed)" and start without them.
+- the monitor is told what the coordinator holds by the Runner itself (`Monitor.held_now`)
+  rather than by the store, whose record lags a restart.
 - `MonitorRescan`: the dashboard's rescan: ask the monitor for a discovery run, and return once
   the run that answers it is complete and written to the store. POST /api/rescan itself answers
   202 at once (web/app.py runs this in the background); /api/metrics shows `scans.running`
@@ -14,25 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from corral.endpoint import Endpoint
 from corral.monitor import Monitor
-
-
-def _nothing_held() -> frozenset[Endpoint]:
-    return frozenset()
-
-
-@dataclass
-class RunnerMonitor(Monitor):
-    held_now: Callable[[], frozenset[Endpoint]] = field(default=_nothing_held)
-
-    async def _held(self) -> set[Endpoint]:
-        # No await: the monitor writes this into the shared prober in the same step, so it is
-        # never older than what the Runner holds at that moment.
-        return set(self.held_now())
 
 
 @dataclass
@@ -52,10 +34,6 @@ class MonitorRescan:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no discovery run completed within {self.timeout_s:g} s")
             await asyncio.sleep(self.poll_s)
-        # The count moves just before the run's results are written, under the monitor's lock
-        # (asyncio locks are FIFO, and the run asks for it first): once we hold it, they are in.
-        async with self.monitor._lock:
-            pass
 
 
 async def first_discovery(monitor: Monitor, timeout_s: float) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.chain import ChainOptions, build_chain
-from corral.control_plane.parts import MonitorRescan, RunnerMonitor, first_discovery
+from corral.control_plane.parts import MonitorRescan, first_discovery
 from corral.coordinator.candidates import Candidates
 from corral.coordinator.control import RunnerControl
 from corral.coordinator.pidfile import AlreadyRunning, claim, log_path, pidfile_path, release
@@ -142,7 +142,7 @@ def _monitor(cfg: PlaneConfig, store: Store, prober: Prober, runner: Runner | No
 
     if runner is None:  # a coordinator elsewhere: what it holds comes from the store
         return Monitor(store, prober, discovery, cfg.watch.recheck_s, cfg.watch.discover_s)
-    return RunnerMonitor(
+    return Monitor(
         store,
         prober,
         discovery,
