@@ -36,6 +36,20 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def isolated_state(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test (and every corral process it starts) gets its own state and config
+    directories: no test reads or writes the user's store. The cache (llama.cpp build) is kept."""
+    root = tmp_path_factory.mktemp("xdg")
+    for name in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.setenv(name, str(root / name.lower()))
+    for name in ("CORRAL_REDIS_URL", "SOLLOL_REDIS_URL", "CORRAL_BACKENDS_FILE", "CORRAL_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def llama_bins() -> LlamaBinaries:
     try:

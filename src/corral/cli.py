@@ -23,6 +23,7 @@ from corral.model import Backend, SourceName
 from corral.output import backends_json, print_backends
 from corral.rpc import protocol
 from corral.rpc.probe import Prober
+from corral.sources.base import SourceReport
 from corral.sources.scan import ScanError, ScanSource
 
 app = typer.Typer(
@@ -141,8 +142,11 @@ def discover(
     ] = False,
     allow_large: Annotated[bool, typer.Option(help="Allow networks larger than /16.")] = False,
     concurrency: Annotated[int, typer.Option(min=1, max=2000, help="Connects in flight.")] = 500,
+    redis: Annotated[
+        str | None, typer.Option(help="Redis URL (else CORRAL_REDIS_URL / SOLLOL_REDIS_URL).")
+    ] = None,
 ) -> None:
-    """Scan networks for RPC backends (the scan source alone)."""
+    """Scan networks for RPC backends (the scan source alone); results are remembered."""
     _check_timeout(timeout)
     ports = _check_ports(port or [])
     source = ScanSource(
@@ -162,7 +166,10 @@ def discover(
     prober = make_prober(timeout)
     prober.host_up_means_busy = False
     source.prober = prober
-    report = asyncio.run(source.collect())
+    try:
+        report = asyncio.run(_scan_remembering(source, prober, redis))
+    except ValueError as exc:  # a bad --redis URL
+        _bad_input(str(exc))
     _warn(report.warnings)
     backends = [
         Backend(s.endpoint, [SourceName.SCAN], report.probes[str(s.endpoint)])
@@ -177,6 +184,32 @@ def discover(
             f"in {stats.seconds:.2f} s"
         )
         print_backends(_stdout(), backends, title)
+
+
+async def _scan_remembering(
+    source: ScanSource, prober: Prober, redis_url: str | None
+) -> SourceReport:
+    """Scan with the store's memory: a backend busy in the last view stays busy even when its
+    accept queue, full from earlier probes, now drops our connects (see the facts file)."""
+    from corral.monitor import Monitor
+    from corral.paths import state_dir
+    from corral.store.factory import open_store
+
+    store = await open_store(redis_url, state_dir())
+    try:
+        monitor = Monitor(store, prober, lambda: Discovery([source], prober))
+        await monitor.load()  # seeds the prober's busy memory
+        report = await source.collect()
+        await monitor.record(
+            [
+                Backend(s.endpoint, [SourceName.SCAN], report.probes[str(s.endpoint)])
+                for s in report.sightings
+            ]
+        )
+        report.warnings.extend(store.warnings)
+        return report
+    finally:
+        await store.close()
 
 
 @app.command()

@@ -178,6 +178,12 @@ class Monitor:
         self.stats.last_scan_s = time.time()
         return result
 
+    async def record(self, backends: list[Backend]) -> None:
+        """Write results found elsewhere (a one-off scan) into the view, with events."""
+        held = await self._held()
+        async with self._lock:
+            await self._apply(backends, held)
+
     async def recheck_once(self) -> None:
         held = await self._held()
         self.prober.held.clear()
