@@ -268,6 +268,7 @@ async def bench(args: argparse.Namespace) -> int:
             )
             await _main_scans(b, verdict)
             await _separate_processes(b, verdict)
+            await _separate_cli_runs(b, verdict)
             for extra in args.extra:
                 await _extra_16(b, extra, verdict)
             await _busy_survived(b, verdict)
@@ -353,6 +354,41 @@ async def _separate_processes(b: Bench, verdict: Verdict) -> None:
         f"ready again in between: {ready_again}). Each probe leaves a connection in its accept "
         "queue (backlog 1); after two the kernel drops new SYNs, and a fresh process has no "
         "'busy moments ago' memory, while a scan does not call a timed-out live host busy",
+    )
+
+
+async def _separate_cli_runs(b: Bench, verdict: Verdict) -> None:
+    """The user's case: `corral discover` run again and again, each a new process, sharing the
+    store (state dir). The store's last view carries "busy" from one run to the next."""
+    print(
+        f"\n[2b] {SEPARATE_PROCESSES} separate `corral discover --cidr {NET24}` processes "
+        "sharing one state directory (busy backend's queue emptied and re-held first)"
+    )
+    await b.release()
+    ready_again = await b.busy_backend_ready()
+    await b.hold()
+    state = b.logs / "shared-state"
+    argv = [
+        "env", f"XDG_STATE_HOME={state}", sys.executable, "-m", "corral", "discover",
+        "--cidr", NET24, "--json",
+    ]  # fmt: skip
+    outcome: list[str] = []
+    all_right = True
+    for i in range(SEPARATE_PROCESSES):
+        out, wall = await b.in_a(argv, 60)
+        found = {o["host"]: o["status"] for o in json.loads(out[out.index("[") :])}
+        busy = found.get(BUSY, "not listed")
+        right = found == EXPECTED24
+        all_right = all_right and right
+        outcome.append(busy)
+        print(
+            f"  process {i + 1}: {wall:.2f} s  busy backend: {busy}; "
+            f"{'all right' if right else 'WRONG: ' + str(found)}"
+        )
+    verdict.add(
+        all_right and ready_again,
+        f"{SEPARATE_PROCESSES} separate `corral discover` runs sharing the store classify every "
+        f"endpoint right, the busy one as: {', '.join(outcome)}",
     )
 
 
