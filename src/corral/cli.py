@@ -7,6 +7,7 @@ binaries missing), 2 on bad usage or input, with the message on stderr.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from typing import Annotated, NoReturn
@@ -487,6 +488,9 @@ app.command("up")(up_command)
 
 
 def main() -> None:
+    # Stray library warnings get one plain, labelled line; commands that run for long (node, up)
+    # set their own, timestamped format.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
     except KeyboardInterrupt:

@@ -161,7 +161,7 @@ class Monitor:
         self.prober.held.update(held)
         result = await self.make_discovery().run()
         for w in result.warnings:
-            log.warning("%s", w)
+            log.info("%s", w)  # the caller shows these; logged for long runs
         seen = {b.endpoint for b in result.backends}
         async with self._lock:
             await self._apply(result.backends, held)

@@ -83,12 +83,12 @@ def advertise_host(bind_host: str, addresses: Iterable[str]) -> str:
 
 def setup_logging() -> None:
     """The node is a long-running service: timestamped lines on stderr (its supervisor's log)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,  # replaces the CLI's plain default
+    )
 
 
 def probe_timeout(heartbeat_s: float) -> float:
