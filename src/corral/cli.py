@@ -22,7 +22,7 @@ from corral.endpoint import DEFAULT_RPC_PORT, Endpoint, EndpointError, parse_end
 from corral.llama.binaries import BinariesNotFound, find_binaries
 from corral.model import Backend, SourceName
 from corral.output import backends_json, print_backends
-from corral.rpc import protocol
+from corral.probing import installed_prober
 from corral.rpc.probe import Prober
 from corral.sources.base import SourceReport
 from corral.sources.scan import ScanError, ScanSource
@@ -73,18 +73,6 @@ def _binaries_missing(exc: BinariesNotFound) -> NoReturn:
     raise typer.Exit(1)
 
 
-def make_prober(timeout: float) -> Prober:
-    """A prober that judges compatibility against the installed llama-server's protocol."""
-    major, minor = protocol.CLIENT_PROTO_MAJOR, protocol.CLIENT_PROTO_MINOR
-    try:
-        found = find_binaries()
-        if found.rpc_proto_major is not None and found.rpc_proto_minor is not None:
-            major, minor = found.rpc_proto_major, found.rpc_proto_minor
-    except BinariesNotFound:
-        pass
-    return Prober(timeout=timeout, client_major=major, client_minor=minor)
-
-
 def _check_timeout(timeout: float) -> None:
     if not 0 < timeout <= 60:
         _bad_input(f"--timeout {timeout}: must be more than 0 and at most 60 seconds")
@@ -119,7 +107,7 @@ def probe(
             parsed.append(parse_endpoint(text, where=f"argument {i}"))
         except EndpointError as exc:
             _bad_input(str(exc))
-    prober = make_prober(timeout)
+    prober = installed_prober(timeout)
 
     async def run() -> list[Backend]:
         results = await asyncio.gather(*(prober.probe(ep) for ep in dict.fromkeys(parsed)))
@@ -164,7 +152,7 @@ def discover(
         _bad_input(str(exc))
     if not nets:
         _warn(["no networks to scan: give --cidr, or --include-loopback"])
-    prober = make_prober(timeout)
+    prober = installed_prober(timeout)
     prober.host_up_means_busy = False
     source.prober = prober
     try:
@@ -248,7 +236,7 @@ def backends(
         include_loopback=include_loopback,
         allow_large=allow_large,
     )
-    prober = make_prober(timeout)
+    prober = installed_prober(timeout)
     for src in build_chain(names, options, prober):
         if isinstance(src, ScanSource):
             try:

@@ -30,7 +30,6 @@ from corral.control_plane.plane import (
     PlaneError,
     WatchPlan,
     run_plane,
-    shared_prober,
     stop_on_signals,
 )
 from corral.discovery import Discovery
@@ -40,6 +39,7 @@ from corral.llama.server import ServerOptions
 from corral.model import SourceName, Status
 from corral.output import print_backends
 from corral.paths import state_dir
+from corral.probing import prober_for
 from corral.rpc.probe import Prober
 from corral.supervisor import Child, rpc_server_argv
 
@@ -224,7 +224,7 @@ async def run_demo(
         plane_task = asyncio.create_task(
             run_plane(
                 cfg,
-                shared_prober(binaries),
+                prober_for(binaries),
                 stop,
                 say=lambda m: console.print(f"{time.strftime('%H:%M:%S')} {escape(m)}"),
                 warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}"),

@@ -8,7 +8,6 @@ from corral.control_plane.plane import (
     PlaneError,
     WatchPlan,
     run_plane,
-    shared_prober,
 )
 
 __all__ = [
@@ -18,5 +17,4 @@ __all__ = [
     "PlaneError",
     "WatchPlan",
     "run_plane",
-    "shared_prober",
 ]

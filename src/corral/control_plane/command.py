@@ -25,7 +25,6 @@ from corral.control_plane.plane import (
     PlaneError,
     WatchPlan,
     run_plane,
-    shared_prober,
     stop_on_signals,
 )
 from corral.coordinator.commands import parse_tensor_split
@@ -36,6 +35,7 @@ from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
 from corral.llama.server import DEFAULT_PORT as COORDINATOR_PORT
 from corral.llama.server import ServerOptions
 from corral.paths import state_dir
+from corral.probing import prober_for
 from corral.sources.scan import ScanError, ScanSource
 from corral.web import DEFAULT_HOST, DEFAULT_PORT, InsecureBindError, check_bind
 
@@ -117,7 +117,7 @@ def _watch(
         include_loopback=include_loopback,
         allow_large=allow_large,
     )
-    for src in build_chain(names, chain, shared_prober(None)):
+    for src in build_chain(names, chain, prober_for(None)):
         if isinstance(src, ScanSource):
             try:
                 src.networks()
@@ -158,7 +158,7 @@ def _run(cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float) -> No
         stop_on_signals(stop)
         await run_plane(
             cfg,
-            shared_prober(binaries, timeout),
+            prober_for(binaries, timeout),
             stop,
             say=say,
             warn=warn,

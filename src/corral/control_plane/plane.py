@@ -28,11 +28,9 @@ from corral.coordinator.publish import Publisher, Say
 from corral.coordinator.runner import CoordinatorError, Runner, Timings
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
-from corral.llama.binaries import LlamaBinaries
 from corral.llama.server import ServerOptions
 from corral.model import SourceName
 from corral.monitor import Monitor
-from corral.rpc import protocol
 from corral.rpc.probe import Prober
 from corral.store.base import Store
 from corral.store.factory import open_store
@@ -94,15 +92,6 @@ class Plane:
     monitor: Monitor
     runner: Runner | None
     dashboard_url: str
-
-
-def shared_prober(binaries: LlamaBinaries | None, timeout: float = 1.0) -> Prober:
-    """One prober for the monitor and the coordinator, judging compatibility against the
-    llama-server that will connect to the backends."""
-    major, minor = protocol.CLIENT_PROTO_MAJOR, protocol.CLIENT_PROTO_MINOR
-    if binaries and binaries.rpc_proto_major is not None and binaries.rpc_proto_minor is not None:
-        major, minor = binaries.rpc_proto_major, binaries.rpc_proto_minor
-    return Prober(timeout=timeout, client_major=major, client_minor=minor)
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:

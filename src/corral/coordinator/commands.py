@@ -37,8 +37,7 @@ from corral.endpoint import Endpoint, EndpointError, parse_endpoint
 from corral.llama.binaries import BinariesNotFound, find_binaries
 from corral.llama.server import DEFAULT_HOST, DEFAULT_PORT, ServerOptions
 from corral.paths import state_dir
-from corral.rpc import protocol
-from corral.rpc.probe import Prober
+from corral.probing import installed_prober
 from corral.store.base import CoordinatorRecord, Store
 
 coordinator_app = typer.Typer(
@@ -86,17 +85,6 @@ def _endpoints(texts: list[str]) -> tuple[Endpoint, ...]:
         except EndpointError as exc:
             _fail(str(exc), 2)
     return tuple(dict.fromkeys(out))
-
-
-def _prober(timeout: float) -> Prober:
-    major, minor = protocol.CLIENT_PROTO_MAJOR, protocol.CLIENT_PROTO_MINOR
-    try:
-        found = find_binaries()
-        if found.rpc_proto_major is not None and found.rpc_proto_minor is not None:
-            major, minor = found.rpc_proto_major, found.rpc_proto_minor
-    except BinariesNotFound:
-        pass
-    return Prober(timeout=timeout, client_major=major, client_minor=minor)
 
 
 RedisOpt = Annotated[
@@ -207,7 +195,7 @@ def run(
             opts=opts,
             model=model.resolve() if model else None,
             llama_server=binaries.llama_server,
-            candidates=Candidates(explicit, store, _prober(1.0)),
+            candidates=Candidates(explicit, store, installed_prober(1.0)),
             publish=Publisher(store, port, _say, _warn),
             log_path=log_path(state, port),
             policy=policy,
