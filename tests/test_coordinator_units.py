@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from corral.coordinator.commands import parse_tensor_split
 from corral.coordinator.links import Link, judge, resolve
+from corral.coordinator.options import parse_tensor_split
 from corral.coordinator.pidfile import AlreadyRunning, claim, read_owner, release
 from corral.endpoint import Endpoint
 from corral.llama.server import (

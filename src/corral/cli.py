@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from corral.chain import ChainError, ChainOptions, build_chain, parse_source_names
+from corral.console import error
 from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import DEFAULT_RPC_PORT, Endpoint, EndpointError, parse_endpoint
 from corral.llama.binaries import BinariesNotFound, find_binaries
@@ -45,14 +46,8 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
-def _error(message: str) -> None:
-    # Escaped: messages quote user input such as "[fe80::1]:0", which rich would take for markup
-    # and swallow. Soft wrap: a message is one line, whatever the terminal width.
-    _stderr().print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
 def _bad_input(message: str) -> NoReturn:
-    _error(message)
+    error(message)
     raise typer.Exit(2)
 
 
@@ -69,7 +64,7 @@ def _binaries_missing(exc: BinariesNotFound) -> NoReturn:
             "; point CORRAL_LLAMA_BIN_DIR at the directory that holds them, or unset it to use "
             "`corral llama install`'s build"
         )
-    _error(message)
+    error(message)
     raise typer.Exit(1)
 
 
@@ -320,7 +315,7 @@ def llama_install() -> None:
         try:
             bin_dir = install(progress=report)
         except (BuildError, OSError) as exc:
-            _error(str(exc))
+            error(str(exc))
             raise typer.Exit(1) from None
     print(bin_dir)
 
@@ -384,10 +379,10 @@ def model_tiny(
 
         out = write_tiny_model(Path(path), seed=seed)
     except ImportError as exc:
-        _error(f"the tiny model needs the `gguf` package: {exc}")
+        error(f"the tiny model needs the `gguf` package: {exc}")
         raise typer.Exit(1) from None
     except OSError as exc:
-        _error(f"cannot write {path}: {exc}")
+        error(f"cannot write {path}: {exc}")
         raise typer.Exit(1) from None
     size_kib = out.stat().st_size / 1024
     print(f"wrote {out} ({size_kib:.0f} KiB)")

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from corral.chain import ChainError, ChainOptions, build_chain, parse_source_names
+from corral.console import fail, say, warn
 from corral.control_plane.plane import (
     CoordinatorPlan,
     Plane,
@@ -27,35 +25,30 @@ from corral.control_plane.plane import (
     run_plane,
     stop_on_signals,
 )
-from corral.coordinator.commands import parse_tensor_split
-from corral.coordinator.policy import OnChange, PolicyConfig
-from corral.coordinator.runner import Timings
-from corral.endpoint import DEFAULT_RPC_PORT, Endpoint, EndpointError, parse_endpoint
+from corral.coordinator.options import (
+    BackendOpt,
+    CtxSizeOpt,
+    DebounceOpt,
+    DrainTimeoutOpt,
+    ExtraArgs,
+    GpuLayersOpt,
+    LocalFallbackOpt,
+    MinBackendsOpt,
+    OnChangeOpt,
+    ParallelOpt,
+    ProbeIntervalOpt,
+    StartTimeoutOpt,
+    TensorSplitOpt,
+    coordinator_settings,
+)
+from corral.coordinator.policy import OnChange
+from corral.endpoint import DEFAULT_RPC_PORT
 from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
 from corral.llama.server import DEFAULT_PORT as COORDINATOR_PORT
-from corral.llama.server import ServerOptions
 from corral.paths import state_dir
 from corral.probing import prober_for
 from corral.sources.scan import ScanError, ScanSource
 from corral.web import DEFAULT_HOST, DEFAULT_PORT, InsecureBindError, check_bind
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    Console(stderr=True).print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def say(message: str) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    Console().print(f"{stamp} {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def warn(message: str) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    Console(stderr=True).print(
-        f"{stamp} [yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True
-    )
-
 
 HostOpt = Annotated[str, typer.Option(help="Address the dashboard listens on.")]
 PortOpt = Annotated[int, typer.Option(min=1, max=65535, help="Port the dashboard listens on.")]
@@ -105,10 +98,10 @@ def _watch(
     try:
         names = parse_source_names(sources)
     except ChainError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     for port in scan_port or []:
         if not 1 <= port <= 65535:
-            _fail(f"--scan-port {port}: out of range 1-65535", 2)
+            fail(f"--scan-port {port}: out of range 1-65535", 2)
     chain = ChainOptions(
         backends_file=backends_file,
         cidrs=cidr or [],
@@ -122,7 +115,7 @@ def _watch(
             try:
                 src.networks()
             except ScanError as exc:
-                _fail(str(exc), 2)
+                fail(str(exc), 2)
     return WatchPlan(names, chain, recheck, discover_every)
 
 
@@ -134,7 +127,7 @@ def _check_bind(host: str, token: str | None, insecure: bool) -> None:
     try:
         check_bind(host, token, insecure)
     except InsecureBindError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
 
 
 def _announce(token: str | None) -> Callable[[Plane], None]:
@@ -168,9 +161,9 @@ def _run(cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float) -> No
     try:
         asyncio.run(main())
     except PlaneError as exc:
-        _fail(str(exc), exc.code)
+        fail(str(exc), exc.code)
     except InsecureBindError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
 
 
 def dashboard(
@@ -201,7 +194,7 @@ def dashboard(
     token = _token()
     _check_bind(host, token, insecure)
     if coordinator_url is not None and not coordinator_url.startswith(("http://", "https://")):
-        _fail(f"--coordinator-url {coordinator_url!r}: expected http://HOST:PORT", 2)
+        fail(f"--coordinator-url {coordinator_url!r}: expected http://HOST:PORT", 2)
     watch = _watch(
         sources,
         backends_file,
@@ -230,16 +223,6 @@ def dashboard(
     _run(cfg, binaries, timeout)
 
 
-def _endpoints(texts: list[str]) -> tuple[Endpoint, ...]:
-    out: list[Endpoint] = []
-    for i, text in enumerate(texts, start=1):
-        try:
-            out.append(parse_endpoint(text, where=f"--backend {i}"))
-        except EndpointError as exc:
-            _fail(str(exc), 2)
-    return tuple(dict.fromkeys(out))
-
-
 def up(
     model: Annotated[
         Path | None,
@@ -265,43 +248,19 @@ def up(
     coordinator_port: Annotated[
         int, typer.Option(min=1, max=65535, help="Port llama-server listens on.")
     ] = COORDINATOR_PORT,
-    backend: Annotated[
-        list[str] | None,
-        typer.Option("--backend", help="Backend host:port to use besides the store's (repeat)."),
-    ] = None,
-    ctx_size: Annotated[int | None, typer.Option(min=1, help="Context size (-c).")] = None,
-    parallel: Annotated[int | None, typer.Option(min=1, help="Parallel slots (-np).")] = None,
-    gpu_layers: Annotated[
-        int, typer.Option(min=0, help="Layers to offload (-ngl); 99 means all.")
-    ] = 99,
-    tensor_split: Annotated[
-        str | None, typer.Option(help="Passed to llama-server, e.g. 1,1 (one per backend).")
-    ] = None,
-    min_backends: Annotated[
-        int, typer.Option(min=1, help="Serve on backends only once this many are ready.")
-    ] = 1,
-    on_change: Annotated[
-        OnChange, typer.Option(help="When a backend becomes ready: restart to include it, or not.")
-    ] = OnChange.RESTART,
-    local_fallback: Annotated[
-        bool, typer.Option(help="Serve on local devices alone while too few backends are ready.")
-    ] = True,
-    debounce: Annotated[
-        float, typer.Option(min=0, help="Seconds a backend must stay ready before it joins.")
-    ] = 10.0,
-    drain_timeout: Annotated[
-        float, typer.Option(min=0, help="Planned restart: wait this long for requests in flight.")
-    ] = 30.0,
-    start_timeout: Annotated[
-        float, typer.Option(min=1, help="Seconds llama-server may take to load the model.")
-    ] = 120.0,
-    probe_interval: Annotated[
-        float, typer.Option(min=0.05, help="Seconds between probes of backends not in use.")
-    ] = 1.0,
-    extra: Annotated[
-        list[str] | None,
-        typer.Argument(help="Extra llama-server flags, after `--`.", show_default=False),
-    ] = None,
+    backend: BackendOpt = None,
+    ctx_size: CtxSizeOpt = None,
+    parallel: ParallelOpt = None,
+    gpu_layers: GpuLayersOpt = 99,
+    tensor_split: TensorSplitOpt = None,
+    min_backends: MinBackendsOpt = 1,
+    on_change: OnChangeOpt = OnChange.RESTART,
+    local_fallback: LocalFallbackOpt = True,
+    debounce: DebounceOpt = 10.0,
+    drain_timeout: DrainTimeoutOpt = 30.0,
+    start_timeout: StartTimeoutOpt = 120.0,
+    probe_interval: ProbeIntervalOpt = 1.0,
+    extra: ExtraArgs = None,
 ) -> None:
     """The whole control plane in one process: dashboard + monitor + coordinator (with --model).
 
@@ -322,47 +281,45 @@ def up(
         discover_every,
     )
     try:
-        split = parse_tensor_split(tensor_split)
+        settings = coordinator_settings(
+            host=coordinator_host,
+            port=coordinator_port,
+            backend=backend,
+            ctx_size=ctx_size,
+            parallel=parallel,
+            gpu_layers=gpu_layers,
+            tensor_split=tensor_split,
+            min_backends=min_backends,
+            on_change=on_change,
+            local_fallback=local_fallback,
+            debounce=debounce,
+            drain_timeout=drain_timeout,
+            start_timeout=start_timeout,
+            probe_interval=probe_interval,
+            extra=extra,
+        )
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail(str(exc), 2)
     if model is not None and not model.is_file():
-        _fail(f"--model {model}: no such file", 2)
-    explicit = _endpoints(backend or [])
+        fail(f"--model {model}: no such file", 2)
     try:
         binaries: LlamaBinaries | None = find_binaries()
     except BinariesNotFound as exc:
         if model is not None:
-            _fail(str(exc))
+            fail(str(exc))
         binaries = None
     plan = None
     if model is not None and binaries is not None:
         plan = CoordinatorPlan(
             model=model.resolve(),
             llama_server=binaries.llama_server,
-            server=ServerOptions(
-                host=coordinator_host,
-                port=coordinator_port,
-                ctx_size=ctx_size,
-                parallel=parallel,
-                gpu_layers=gpu_layers,
-                tensor_split=split,
-                extra_args=tuple(extra or ()),
-            ),
-            policy=PolicyConfig(
-                min_backends=min_backends,
-                debounce_s=debounce,
-                on_change=on_change,
-                local_fallback=local_fallback,
-            ),
-            timings=Timings(
-                probe_every_s=probe_interval,
-                start_timeout_s=start_timeout,
-                drain_timeout_s=drain_timeout,
-            ),
-            explicit=explicit,
+            server=settings.server,
+            policy=settings.policy,
+            timings=settings.timings,
+            explicit=settings.backends,
         )
-    elif explicit:
-        _fail("--backend needs --model (it is a coordinator option)", 2)
+    elif settings.backends:
+        fail("--backend needs --model (it is a coordinator option)", 2)
     cfg = PlaneConfig(
         state=state_dir(),
         watch=watch,
