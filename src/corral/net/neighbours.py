@@ -29,7 +29,7 @@ import ipaddress
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,21 +126,10 @@ def parse_neightbl_dump(
     """
     found: NeighbourStats | None = None
     done = False
-    offset = 0
-    while offset + _NLMSG_HDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
-        if length < _NLMSG_HDR.size or offset + length > len(data):
-            raise ValueError("netlink: truncated message")
-        body = data[offset + _NLMSG_HDR.size : offset + length]
-        offset += _align4(length)
+    for kind, body in _messages(data):
         if kind == _NLMSG_DONE:
             done = True
             break
-        if kind == _NLMSG_ERROR:
-            code = struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
-            if code != 0:
-                raise ValueError(f"netlink: error {code}")
-            continue
         if kind != _RTM_NEWNEIGHTBL:
             continue
         attrs = _parse_attrs(body[_NDTM_SIZE:])
@@ -159,6 +148,23 @@ def parse_neightbl_dump(
             forced_gc_runs=counters[_NDTS_FORCED_GC_RUNS],
         )
     return found, done
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(type, body) of each netlink message in `data`; an error reply raises ValueError."""
+    offset = 0
+    while offset + _NLMSG_HDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
+        if length < _NLMSG_HDR.size or offset + length > len(data):
+            raise ValueError("netlink: truncated message")
+        body = data[offset + _NLMSG_HDR.size : offset + length]
+        offset += _align4(length)
+        if kind == _NLMSG_ERROR:
+            code = struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
+            if code != 0:
+                raise ValueError(f"netlink: error {code}")
+            continue  # an ACK
+        yield kind, body
 
 
 def _parse_attrs(data: bytes) -> dict[int, bytes]:
@@ -202,20 +208,10 @@ def neigh_request(seq: int = 1) -> bytes:
 def parse_neigh_states(data: bytes) -> tuple[list[int], bool]:
     """The NUD states of the RTM_NEWNEIGH messages in `data`; and whether DONE was seen."""
     states: list[int] = []
-    offset = 0
-    while offset + _NLMSG_HDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
-        if length < _NLMSG_HDR.size or offset + length > len(data):
-            raise ValueError("netlink: truncated message")
-        body = data[offset + _NLMSG_HDR.size : offset + length]
-        offset += _align4(length)
+    for kind, body in _messages(data):
         if kind == _NLMSG_DONE:
             return states, True
-        if kind == _NLMSG_ERROR:
-            code = struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
-            if code != 0:
-                raise ValueError(f"netlink: error {code}")
-        elif kind == _RTM_NEWNEIGH and len(body) >= _NDMSG.size:
+        if kind == _RTM_NEWNEIGH and len(body) >= _NDMSG.size:
             states.append(_NDMSG.unpack_from(body)[4])
     return states, False
 

@@ -189,6 +189,23 @@ def decode(raw: bytes | str, where: str, parse: Callable[[object, str], T]) -> T
     return parse(loads(raw, where), where)
 
 
+def stored_backend(raw: bytes | str, where: str, key: str, fresh_since: float) -> BackendRecord:
+    """A backend record read back under `key` (its endpoint): a record filed under another
+    endpoint's key is refused, not passed on."""
+    rec = decode(raw, where, lambda o, w: backend_from_json(o, w, fresh_since=fresh_since))
+    if str(rec.endpoint) != key:
+        raise CodecError(f"{where}: holds backend {rec.endpoint}")
+    return rec
+
+
+def stored_node(raw: bytes | str, where: str, node_id: str) -> NodeRegistration:
+    """A node registration read back under `node_id`: one filed under another id is refused."""
+    reg = decode(raw, where, node_from_json)
+    if reg.node_id != node_id:
+        raise CodecError(f"{where}: holds node {reg.node_id!r}")
+    return reg
+
+
 # --- endpoints and names ----------------------------------------------------------------------
 
 

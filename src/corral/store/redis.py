@@ -133,9 +133,7 @@ class RedisStore:
                 self._warn(f"{where}: unreadable ({value}); dropped")
                 continue
             try:
-                reg = codec.decode(value, where, codec.node_from_json)
-                if key != self._key(f"node:{reg.node_id}"):
-                    raise codec.CodecError(f"{where}: holds node {reg.node_id!r}")
+                reg = codec.stored_node(value, where, key.removeprefix(self._key("node:")))
             except codec.CodecError as exc:
                 self._warn(f"{exc}; dropped")
                 continue
@@ -186,13 +184,7 @@ class RedisStore:
             field = _text(raw_field)
             where = self._where(key, field)
             try:
-                rec = codec.decode(
-                    value,
-                    where,
-                    lambda o, w: codec.backend_from_json(o, w, fresh_since=self.opened_at),
-                )
-                if str(rec.endpoint) != field:
-                    raise codec.CodecError(f"{where}: holds backend {rec.endpoint}")
+                rec = codec.stored_backend(value, where, field, self.opened_at)
             except codec.CodecError as exc:
                 self._warn(f"{exc}; dropped")
                 continue

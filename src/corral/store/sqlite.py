@@ -194,9 +194,7 @@ class EmbeddedStore:
             for key, body in rows:
                 where = self._where("nodes", key)
                 try:
-                    reg = codec.decode(body, where, codec.node_from_json)
-                    if reg.node_id != key:
-                        raise codec.CodecError(f"{where}: holds node {reg.node_id!r}")
+                    reg = codec.stored_node(body, where, key)
                 except codec.CodecError as exc:
                     self._thread_warnings.append(f"{exc}; dropped")
                     continue
@@ -246,13 +244,7 @@ class EmbeddedStore:
             for key, body in rows:
                 where = self._where("backends", key)
                 try:
-                    rec = codec.decode(
-                        body,
-                        where,
-                        lambda o, w: codec.backend_from_json(o, w, fresh_since=self.opened_at),
-                    )
-                    if str(rec.endpoint) != key:
-                        raise codec.CodecError(f"{where}: holds backend {rec.endpoint}")
+                    rec = codec.stored_backend(body, where, key, self.opened_at)
                 except codec.CodecError as exc:
                     self._thread_warnings.append(f"{exc}; dropped")
                     continue
