@@ -20,12 +20,10 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -34,21 +32,7 @@ from corral.endpoint import Endpoint
 from corral.llama.binaries import find_binaries
 from corral.llama.tiny_model import write_tiny_model
 from corral.supervisor import Child, rpc_server_argv
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-async def _until(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError(f"timed out after {seconds} s waiting for {what}")
+from support import free_port, until
 
 
 async def _status(client: httpx.AsyncClient, ep: Endpoint) -> str | None:
@@ -62,8 +46,8 @@ async def _status(client: httpx.AsyncClient, ep: Endpoint) -> str | None:
 
 async def _case(in_use: bool, runs: int, recheck: float, tmp: Path) -> list[float]:
     bins = find_binaries()
-    a = Endpoint("127.0.9.1", _free_port("127.0.9.1"))
-    b = Endpoint("127.0.9.2", _free_port("127.0.9.2"))
+    a = Endpoint("127.0.9.1", free_port("127.0.9.1"))
+    b = Endpoint("127.0.9.2", free_port("127.0.9.2"))
     await asyncio.to_thread(tmp.mkdir, parents=True, exist_ok=True)
     conf = tmp / "rpc_backends.conf"
     await asyncio.to_thread(conf.write_text, f"{a}\n{b}\n")
@@ -74,13 +58,13 @@ async def _case(in_use: bool, runs: int, recheck: float, tmp: Path) -> list[floa
     children = {a: backend(a), b: backend(b)}
     for child in children.values():
         await child.start()
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     args = ["--port", str(port), "--sources", "file", "--backends-file", str(conf)]
     args += ["--recheck", str(recheck)]
     if in_use:
         model = await asyncio.to_thread(write_tiny_model, tmp / "tiny.gguf")
         args = ["up", *args, "--model", str(model), "--tensor-split", "1,1"]
-        args += ["--coordinator-port", str(_free_port("127.0.0.1")), "--debounce", "0.5"]
+        args += ["--coordinator-port", str(free_port("127.0.0.1")), "--debounce", "0.5"]
     else:
         args = ["dashboard", *args]
     env = dict(os.environ, XDG_STATE_HOME=str(tmp / "state"), XDG_CONFIG_HOME=str(tmp / "cfg"))
@@ -96,7 +80,7 @@ async def _case(in_use: bool, runs: int, recheck: float, tmp: Path) -> list[floa
                 return all([await _status(c, ep) == want for ep in (a, b)])
 
             for _ in range(runs):
-                await _until(settled, 60, "both backends back")
+                await until(settled, 60, "both backends back")
                 # At a random phase of the recheck: right after the look that saw it back,
                 # every run would be the worst case.
                 await asyncio.sleep(random.uniform(0, recheck))
@@ -107,7 +91,7 @@ async def _case(in_use: bool, runs: int, recheck: float, tmp: Path) -> list[floa
                 async def offline() -> bool:
                     return await _status(c, b) == "offline"
 
-                await _until(offline, 30, f"{b} offline")
+                await until(offline, 30, f"{b} offline")
                 times.append(time.monotonic() - killed)
                 await victim.stop()
                 children[b] = backend(b)

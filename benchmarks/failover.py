@@ -20,12 +20,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -42,23 +40,9 @@ from corral.model import Status
 from corral.rpc.probe import Prober
 from corral.store.sqlite import EmbeddedStore
 from corral.supervisor import Child, rpc_server_argv
+from support import free_port, until
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-async def _until(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 class Bench:
@@ -66,11 +50,11 @@ class Bench:
         self.bins = find_binaries()
         self.workdir = workdir
         self.model = write_tiny_model(workdir / "tiny.gguf")
-        self.eps = tuple(Endpoint(h, _free_port(h)) for h in ("127.0.0.201", "127.0.0.202"))
+        self.eps = tuple(Endpoint(h, free_port(h)) for h in ("127.0.0.201", "127.0.0.202"))
         self.children: dict[Endpoint, Child] = {}
         self.debounce = debounce
         self.http = httpx.AsyncClient(timeout=10.0, trust_env=False)
-        self.port = _free_port("127.0.0.1")
+        self.port = free_port("127.0.0.1")
         self.url = f"http://127.0.0.1:{self.port}/v1/chat/completions"
         self.runner_started = False
         self.store: EmbeddedStore | None = None
@@ -92,7 +76,7 @@ class Bench:
         async def up() -> bool:
             return (await prober.probe(ep)).status in (Status.READY, Status.BUSY)
 
-        await _until(up if self.runner_started else ready, 10, f"{ep} up")
+        await until(up if self.runner_started else ready, 10, f"{ep} up")
 
     def kill_backend(self, ep: Endpoint) -> None:
         pid = self.children[ep].pid
@@ -134,7 +118,7 @@ class Bench:
         both = set(self.eps)
         out: dict[str, list[float]] = {"load": [], "idle": [], "rejoin": []}
         try:
-            await _until(lambda: self.serving(both), 30, "serving on both")
+            await until(lambda: self.serving(both), 30, "serving on both")
             for i in range(runs):
                 victim = self.eps[i % 2]
                 for mode in ("load", "idle"):
@@ -170,7 +154,7 @@ class Bench:
             self.kill_backend(victim)
             killed_at = time.monotonic()
             # The first completion *sent after* the kill that succeeds.
-            await _until(self.completion_ok, 30, "a completion after the kill")
+            await until(self.completion_ok, 30, "a completion after the kill")
             took = time.monotonic() - killed_at
             done.set()
             await task
@@ -179,15 +163,15 @@ class Bench:
             self.kill_backend(victim)
             killed_at = time.monotonic()
             await asyncio.sleep(0.05)  # no request at the moment of the kill
-            await _until(self.completion_ok, 30, "a completion after the kill")
+            await until(self.completion_ok, 30, "a completion after the kill")
             took = time.monotonic() - killed_at
-        await _until(lambda: self.serving(survivor), 10, "serving on the survivor")
+        await until(lambda: self.serving(survivor), 10, "serving on the survivor")
         return took
 
     async def _rejoin(self, victim: Endpoint) -> float:
         await self.start_backend(victim)
         back_at = time.monotonic()
-        await _until(lambda: self.serving(set(self.eps)), 30, "serving on both again")
+        await until(lambda: self.serving(set(self.eps)), 30, "serving on both again")
         return time.monotonic() - back_at
 
 

@@ -26,12 +26,11 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -43,14 +42,9 @@ from corral.store.base import MISSED_BEATS, Store
 from corral.store.redis import RedisStore
 from corral.store.sqlite import EmbeddedStore
 from corral.supervisor import Child
+from support import free_port, until
 
 POLL_S = 0.01
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _corral() -> str:
@@ -67,7 +61,7 @@ async def private_redis(workdir: Path) -> AsyncIterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server not found: install it, pass --redis URL, or --embedded")
-    port = _free_port("127.0.0.1")
+    port = free_port("127.0.0.1")
     child = Child(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
          "--dir", str(workdir)],
@@ -77,7 +71,7 @@ async def private_redis(workdir: Path) -> AsyncIterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     store = RedisStore(url)
     try:
-        await _until(lambda: _pings(store), 5, "redis-server answering")
+        await until(lambda: _pings(store), 5, "redis-server answering", poll_s=POLL_S)
     finally:
         await store.close()
     try:
@@ -92,15 +86,6 @@ async def _pings(store: RedisStore) -> bool:
     except Exception:
         return False
     return True
-
-
-async def _until(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < seconds:
-        if await check():
-            return time.monotonic() - start
-        await asyncio.sleep(POLL_S)
-    raise TimeoutError(f"timed out after {seconds:g} s waiting for {what}")
 
 
 class Bench:
@@ -123,7 +108,7 @@ class Bench:
 
     async def one_run(self, n: int, store: Store) -> tuple[float, float, float]:
         host = f"127.0.{60 + n // 200}.{2 + n % 200}"
-        ep = Endpoint(host, _free_port(host))
+        ep = Endpoint(host, free_port(host))
         argv = [
             _corral(), "node", "--host", ep.host, "--port", str(ep.port),
             "--heartbeat", str(self.heartbeat), "--threads", "1", "--no-mdns",
@@ -143,8 +128,8 @@ class Bench:
         await child.start()
         backend: list[int] = []
         try:
-            appear = await _until(listed, 30, f"{ep} in the registry")
-            await _until(ready, 30, f"{ep} ready")
+            appear = await until(listed, 30, f"{ep} in the registry", poll_s=POLL_S)
+            await until(ready, 30, f"{ep} ready", poll_s=POLL_S)
             to_ready = time.monotonic() - started
             assert child.pid is not None
             backend = [p.pid for p in psutil.Process(child.pid).children()]
@@ -156,7 +141,7 @@ class Bench:
             async def gone() -> bool:
                 return not await listed()
 
-            await _until(gone, self.heartbeat * MISSED_BEATS + 10, f"{ep} gone")
+            await until(gone, self.heartbeat * MISSED_BEATS + 10, f"{ep} gone", poll_s=POLL_S)
             gone_s = time.monotonic() - killed
         finally:
             await child.stop(grace=2)
