@@ -9,6 +9,8 @@ want_tests="${1:-}"
 need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v g++ >/dev/null || need_apt+=(g++)
+# Debian splits venv/ensurepip out of python3.
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [[ "$want_tests" == "--tests" ]]; then
   command -v redis-server >/dev/null || need_apt+=(redis-server)
   command -v chromium >/dev/null || need_apt+=(chromium)
