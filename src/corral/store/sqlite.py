@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import sqlite3
 import time
 from collections import deque
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS backends (endpoint TEXT PRIMARY KEY, body TEXT NOT NU
 CREATE TABLE IF NOT EXISTS coordinator (id INTEGER PRIMARY KEY CHECK (id = 0), body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, body TEXT NOT NULL);
 """
+OPEN_DEADLINE_S = 10.0  # longest wait for other processes to let go of a database being opened
 _MAX_TTL_S = 86400 * MISSED_BEATS  # the codec's longest heartbeat, three times
 
 T = TypeVar("T")
@@ -46,6 +48,11 @@ T = TypeVar("T")
 
 class _Unusable(Exception):
     """The file opened but cannot be used as this store (failed check, newer schema)."""
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 def _is_corrupt(exc: sqlite3.DatabaseError) -> bool:
@@ -120,9 +127,23 @@ class EmbeddedStore:
         return self._conn
 
     def _connect(self) -> sqlite3.Connection:
+        # Two processes opening a new file at once can deadlock on the switch to WAL (both hold
+        # a read lock, both want to write); SQLite then fails one at once without waiting, so
+        # the open is retried until the deadline instead of failing the command.
+        deadline = time.monotonic() + OPEN_DEADLINE_S
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(random.uniform(0.01, 0.05))  # on the worker thread, never the loop
+
+    def _connect_once(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
+            if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
             if problems != ["ok"]:
