@@ -28,7 +28,7 @@ from corral.web import (
     post_heartbeat,
     serve,
 )
-from corral.web.security import is_loopback_host
+from corral.web.security import Refusal, check_host, host_name, is_loopback_host
 from tests.conftest import StartRpc
 from tests.test_web_helpers import (
     AUTH,
@@ -581,6 +581,51 @@ async def test_serve_refuses_a_public_bind_without_token_before_binding(
             await serve(app, "0.0.0.0", 0, handle_signals=False)
     finally:
         await store.close()
+
+
+def test_host_check_refuses_foreign_names_only_on_loopback() -> None:
+    assert host_name("[::1]:8080") == "::1"
+    assert host_name("localhost:8080") == "localhost"
+    assert host_name("127.0.0.1") == "127.0.0.1"
+    for header in ("127.0.0.1:8080", "localhost", "localhost:1", "[::1]:80", "127.9.9.9", None):
+        check_host("127.0.0.1", header)
+        check_host("::1", header)
+    for header in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io:8080", "192.0.2.1"):
+        with pytest.raises(Refusal, match="DNS rebinding") as refused:
+            check_host("127.0.0.1", header)
+        assert refused.value.status == 421
+        # Reached on a LAN address, any name is fine: that is how the LAN reaches it.
+        check_host("192.0.2.10", header)
+    check_host(None, "evil.example")
+
+
+async def test_a_rebound_name_cannot_read_or_act_on_a_loopback_dashboard(tmp_path: Path) -> None:
+    async with running_dashboard(tmp_path) as dash, client(dash.base) as c:
+        await dash.store.put_backends([BackendRecord(Endpoint("127.0.0.8", 50052), Status.READY)])
+
+        async def listed() -> bool:
+            return len(await backends_by_endpoint(c)) == 1
+
+        await wait_for(listed, 2, "the backend in /api/rpc_backends")
+        port = dash.base.rsplit(":", 1)[1]
+        foreign = {"Host": f"rebind.example:{port}"}
+        for path in ("/", "/api/rpc_backends", "/api/events", "/metrics"):
+            r = await c.get(path, headers=foreign)
+            assert r.status_code == 421, path
+            assert "rebind.example" in r.json()["detail"]
+        r = await c.post("/api/rescan", headers={**foreign, **AUTH})
+        assert r.status_code == 421  # refused before anything ran, even with the right token
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+            r = await c.get("/api/rpc_backends", headers={"Host": host})
+            assert r.status_code == 200 and len(r.json()) == 1
+        r = await c.post("/api/rescan", headers={"Host": f"localhost:{port}", **AUTH})
+        assert r.status_code == 202
+
+        async def one_scan() -> bool:
+            return bool((await c.get("/api/metrics")).json()["scans"]["completed"] == 1)
+
+        await wait_for(one_scan, 5, "the one allowed rescan to complete")
+        assert len(dash.rescans) == 1  # the refused one never ran
 
 
 def test_coordinator_status_satisfies_the_protocol() -> None:

@@ -196,18 +196,20 @@ def create_app(
         openapi_url="/api/openapi.json",
     )
     app.state.corral = ctx
+    # The hottest read skips routing altogether; the guard, added last, is outermost, so even
+    # that read is checked for its Host first.
+    app.add_middleware(CachedBodyMiddleware, path=BACKENDS_PATH, body=lambda: live.backends_body)
     app.add_middleware(
         GuardMiddleware,
         cfg=GuardConfig(token=token, max_body=max_body_bytes, max_proxy_body=max_proxy_body_bytes),
     )
-    # Added last, so outermost: the hottest read skips routing altogether.
-    app.add_middleware(CachedBodyMiddleware, path=BACKENDS_PATH, body=lambda: live.backends_body)
     bearer = HTTPBearer(auto_error=False, description="CORRAL_TOKEN")
     refusals: dict[int | str, dict[str, Any]] = {
         400: {"model": ErrorOut, "description": "Body is not UTF-8 JSON"},
         401: {"model": ErrorOut, "description": "Missing or wrong token"},
         413: {"model": ErrorOut, "description": "Body too large"},
         415: {"model": ErrorOut, "description": "Body is not JSON"},
+        421: {"model": ErrorOut, "description": "Came in on loopback for another host's name"},
     }
     acting = [Depends(bearer)]
 

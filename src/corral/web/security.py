@@ -2,6 +2,8 @@
 
 Reads are open (they show what the store says); every request that could change something (any
 method but GET/HEAD) needs `Authorization: Bearer <token>`, checked before its body is read.
+A request that reached a loopback address must also be addressed to a loopback name, so a web
+page cannot read the dashboard (or prompt the coordinator) through DNS rebinding.
 """
 
 from __future__ import annotations
@@ -59,6 +61,37 @@ def token_matches(header: str | None, token: str) -> bool:
     if scheme.lower() != "bearer":
         return False
     return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def host_name(host_header: str) -> str:
+    """Pure: the name in a Host header (`[::1]:8080` → `::1`, `localhost:8080` → `localhost`)."""
+    text = host_header.strip()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    if text.count(":") == 1:
+        return text.partition(":")[0]
+    return text
+
+
+def check_host(local_address: str | None, host_header: str | None) -> None:
+    """Pure: refuse (421) a request that came in on loopback but names another host.
+
+    A browser page from elsewhere can make its own name resolve to 127.0.0.1 (DNS rebinding) and
+    then read a loopback service as if it were its own origin; its requests still carry its
+    name in Host, which no real user of a loopback dashboard sends. Requests that reached a
+    LAN address, and those without a Host header, are let through.
+    """
+    if local_address is None or host_header is None or not is_loopback_host(local_address):
+        return
+    name = host_name(host_header)
+    if is_loopback_host(name):
+        return
+    raise Refusal(
+        421,
+        f"this dashboard answers on loopback only to loopback names (localhost, 127.0.0.1,"
+        f" [::1]), not to Host {name!r}: a page from another site may be trying DNS rebinding."
+        " Open it as http://127.0.0.1:<port>/",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,10 +152,19 @@ class GuardMiddleware:
         self.cfg = cfg
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        server = scope.get("server")
+        try:
+            check_host(server[0] if server else None, headers.get("host"))
+        except Refusal as refusal:
+            await _send_json(send, refusal.status, refusal.detail, refusal.headers)
+            return
+        if scope["method"] in SAFE_METHODS:
+            await self.app(scope, receive, send)
+            return
         path: str = scope["path"]
         limit = (
             self.cfg.max_proxy_body if path.startswith(self.cfg.proxy_prefix) else self.cfg.max_body
