@@ -8,6 +8,7 @@ page cannot read the dashboard (or prompt the coordinator) through DNS rebinding
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import json
@@ -94,6 +95,14 @@ def check_host(local_address: str | None, host_header: str | None) -> None:
     )
 
 
+def _host_refusal(local_address: str | None, host_header: bytes | None) -> Refusal | None:
+    try:
+        check_host(local_address, None if host_header is None else host_header.decode("latin-1"))
+    except Refusal as refusal:
+        return refusal
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class GuardConfig:
     token: str | None
@@ -150,21 +159,23 @@ class GuardMiddleware:
     def __init__(self, app: ASGIApp, cfg: GuardConfig) -> None:
         self.app = app
         self.cfg = cfg
+        # The same few (address, Host) pairs arrive on every request: decide each once.
+        self._host_refusal = functools.lru_cache(maxsize=256)(_host_refusal)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         server = scope.get("server")
-        try:
-            check_host(server[0] if server else None, headers.get("host"))
-        except Refusal as refusal:
-            await _send_json(send, refusal.status, refusal.detail, refusal.headers)
+        host = next((v for k, v in scope["headers"] if k == b"host"), None)  # ASGI: lowercase
+        misdirected = self._host_refusal(server[0] if server else None, host)
+        if misdirected is not None:
+            await _send_json(send, misdirected.status, misdirected.detail, misdirected.headers)
             return
         if scope["method"] in SAFE_METHODS:
             await self.app(scope, receive, send)
             return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         path: str = scope["path"]
         limit = (
             self.cfg.max_proxy_body if path.startswith(self.cfg.proxy_prefix) else self.cfg.max_body
