@@ -35,6 +35,7 @@ from corral.coordinator.runner import Runner, Timings
 from corral.endpoint import Endpoint
 from corral.llama.binaries import find_binaries
 from corral.llama.server import ServerOptions
+from corral.llama.split import parse_tensor_split
 from corral.llama.tiny_model import write_tiny_model
 from corral.model import Status
 from corral.rpc.probe import Prober
@@ -103,7 +104,7 @@ class Bench:
             await self.start_backend(ep)
         self.store = store = await EmbeddedStore.open(self.workdir / "state.db")
         runner = Runner(
-            opts=ServerOptions(port=self.port, parallel=1, tensor_split="1,1"),
+            opts=ServerOptions(port=self.port, parallel=1, tensor_split=parse_tensor_split("1,1")),
             model=self.model,
             llama_server=self.bins.llama_server,
             candidates=Candidates(self.eps, store, Prober(timeout=1.0)),

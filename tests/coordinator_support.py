@@ -21,6 +21,7 @@ from corral.coordinator.runner import Runner, Timings
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.server import ServerOptions
+from corral.llama.split import parse_tensor_split
 from corral.rpc.probe import Prober
 from corral.store.base import CoordinatorRecord, Event, EventKind
 from corral.store.sqlite import EmbeddedStore
@@ -110,7 +111,9 @@ async def running(
     warned: list[str] = []
     port = port or free_port("127.0.0.1")
     runner = Runner(
-        opts=ServerOptions(port=port, parallel=parallel, tensor_split=tensor_split),
+        opts=ServerOptions(
+            port=port, parallel=parallel, tensor_split=parse_tensor_split(tensor_split)
+        ),
         model=model,
         llama_server=bins.llama_server,
         candidates=Candidates(tuple(backends), store, Prober(timeout=1.0)),

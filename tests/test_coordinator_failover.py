@@ -13,6 +13,8 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
+
 from corral.llama.binaries import LlamaBinaries
 from corral.model import Status
 from corral.store.base import BackendRecord, EventKind
@@ -31,8 +33,6 @@ async def test_chat_across_both_backends(
         assert reply["usage"]["completion_tokens"] > 0
         assert rec.pid is not None and rec.model == str(tiny_model)
         # The process really holds both: its command line and its connections say so.
-        import psutil
-
         proc = psutil.Process(rec.pid)
         argv = proc.cmdline()
         assert argv[argv.index("--rpc") + 1] == f"{a},{b}"
@@ -101,6 +101,34 @@ async def test_llama_server_killed_is_restarted(
         failed = await c.events(EventKind.COORDINATOR_FAILED)
         assert failed and "killed by SIGKILL" in failed[-1].message
         assert second.restarts == 1
+
+
+async def test_named_split_weights_stay_with_their_backends_after_a_failover(
+    rpc_server: StartRpc, llama_bins: LlamaBinaries, tiny_model: Path, tmp_path: Path
+) -> None:
+    a, a_child = await rpc_server()
+    b, _ = await rpc_server()
+    c_, _ = await rpc_server()
+    first_ep, second, third = sorted([a, b, c_])  # llama-server's --rpc order
+    split = f"{a}=2,{b}=1,{c_}=1"
+    async with running(tmp_path, llama_bins, tiny_model, [a, b, c_], tensor_split=split) as c:
+        first = await c.wait_serving({a, b, c_})
+        await chat(c.url)
+        assert first.pid is not None
+        weights = {a: "2", b: "1", c_: "1"}
+        assert _split_of(first.pid) == ",".join(weights[e] for e in (first_ep, second, third))
+
+        os.kill(a_child.pid or 0, signal.SIGKILL)  # the backend this test started
+        survivors = await c.wait_serving({b, c_}, other_than=first.pid)
+        await chat(c.url)
+        assert survivors.pid is not None
+        # B and C keep their own weights; a positional "2,1,1" would have given B A's 2.
+        assert _split_of(survivors.pid) == "1,1"
+
+
+def _split_of(pid: int) -> str:
+    argv = psutil.Process(pid).cmdline()
+    return argv[argv.index("--tensor-split") + 1]
 
 
 async def test_flapping_backend_costs_at_most_two_restarts(

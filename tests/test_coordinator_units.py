@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from corral.coordinator.links import Link, judge, resolve
-from corral.coordinator.options import parse_tensor_split
 from corral.coordinator.pidfile import AlreadyRunning, claim, read_owner, release
 from corral.endpoint import Endpoint
 from corral.llama.server import (
@@ -22,6 +22,7 @@ from corral.llama.server import (
     server_argv,
     server_env,
 )
+from corral.llama.split import parse_tensor_split
 
 A = Endpoint("127.0.0.5", 50052)
 B = Endpoint("127.0.0.6", 50052)
@@ -53,7 +54,11 @@ def test_judge_matches_ipv4_mapped_addresses_and_ports() -> None:
 
 def test_server_argv_has_rpc_metrics_and_passthrough() -> None:
     opts = ServerOptions(
-        port=19000, ctx_size=512, parallel=2, tensor_split="1,1", extra_args=("--temp", "0")
+        port=19000,
+        ctx_size=512,
+        parallel=2,
+        tensor_split=parse_tensor_split("1,1"),
+        extra_args=("--temp", "0"),
     )
     argv = server_argv(Path("/bin/llama-server"), Path("/m.gguf"), opts, [A, B])
     assert argv[:7] == [
@@ -98,12 +103,47 @@ def test_parse_load() -> None:
     assert parse_load("other 1\n") is None
 
 
-def test_parse_tensor_split() -> None:
-    assert parse_tensor_split("1,1") == "1,1"
+def test_parse_tensor_split_says_which_entry_is_wrong() -> None:
+    plain = parse_tensor_split("3,1")
+    assert plain is not None and not plain.named and plain.text == "3,1"
     assert parse_tensor_split(None) is None
-    for bad in ("1,x", "0,0", "-1,2", ""):
-        with pytest.raises(ValueError):
+    named = parse_tensor_split("127.0.0.5:50052=3, [::1]:50053=0.5")
+    assert named is not None
+    assert named.weights == ((A, 3.0), (Endpoint("::1", 50053), 0.5))
+    for bad, why in (
+        ("1,x", "entry 2 ('x') is not a number"),
+        ("0,0", "all zero"),
+        ("-1,2", "entry 1 ('-1') must be a finite number >= 0"),
+        ("1,inf", "entry 2"),
+        ("", "entry 1"),
+        ("127.0.0.5:50052=3,1", "entry 2 ('1') has no 'host:port='"),
+        ("127.0.0.5:50052=3,127.0.0.5:50052=1", "named twice"),
+        ("coordinator:0=1", "entry 1"),
+        ("127.0.0.5:50052=x", "entry 1 ('x') is not a number"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(why)):
             parse_tensor_split(bad)
+
+
+def test_named_split_follows_its_backends_through_a_failover() -> None:
+    c = Endpoint("127.0.0.7", 50052)
+    split = parse_tensor_split(f"{A}=2,{B}=1,{c}=1")
+    assert split is not None
+    assert split.argument([A, B, c], {}) == "2,1,1"
+    # A is lost: B and C keep their own weights, not A's and B's.
+    assert split.argument([B, c], {}) == "1,1"
+    assert split.argument([A, c], {}) == "2,1"
+    # A backend with two devices shares its weight; one not named weighs 1.
+    d = Endpoint("127.0.0.8", 50052)
+    assert split.argument([A, d], {A: 2}) == "1,1,1"
+    assert split.argument([], {}) is None
+    zero = parse_tensor_split(f"{A}=0")
+    assert zero is not None and zero.argument([A], {}) is None  # llama-server decides
+    # The plain form goes through as given, whatever the set.
+    plain = parse_tensor_split("3,1")
+    assert plain is not None and plain.argument([B], {}) == "3,1"
+    argv = server_argv(Path("x"), Path("m"), ServerOptions(tensor_split=split), [B, c, d], {c: 2})
+    assert argv[argv.index("--tensor-split") + 1] == "1,0.5,0.5,1"
 
 
 def test_pidfile_claims_once_and_ignores_dead_or_reused_pids(tmp_path: Path) -> None:

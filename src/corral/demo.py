@@ -36,6 +36,7 @@ from corral.discovery import Discovery
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.server import ServerOptions
+from corral.llama.split import parse_tensor_split
 from corral.model import SourceName, Status
 from corral.output import print_backends
 from corral.paths import state_dir
@@ -142,7 +143,7 @@ def _plane_config(
             model=model,
             llama_server=binaries.llama_server,
             # 1,1: the tiny model would otherwise fit on one backend and use only that one.
-            server=ServerOptions(port=ports.coordinator, tensor_split="1,1"),
+            server=ServerOptions(port=ports.coordinator, tensor_split=parse_tensor_split("1,1")),
         ),
         environ={},  # the demo keeps its own embedded store, never a shared Redis
     )

@@ -15,6 +15,7 @@ from corral.coordinator.policy import OnChange, PolicyConfig
 from corral.coordinator.runner import Timings
 from corral.endpoint import Endpoint, parse_endpoint
 from corral.llama.server import ServerOptions
+from corral.llama.split import parse_tensor_split
 
 ModelOpt = Annotated[
     Path | None, typer.Option(envvar="CORRAL_MODEL", help="GGUF model file (or CORRAL_MODEL).")
@@ -27,7 +28,11 @@ CtxSizeOpt = Annotated[int | None, typer.Option(min=1, help="Context size (-c)."
 ParallelOpt = Annotated[int | None, typer.Option(min=1, help="Parallel slots (-np).")]
 GpuLayersOpt = Annotated[int, typer.Option(min=0, help="Layers to offload (-ngl); 99 means all.")]
 TensorSplitOpt = Annotated[
-    str | None, typer.Option(help="Passed to llama-server, e.g. 1,1 (one per backend).")
+    str | None,
+    typer.Option(
+        help="How to share the model: host:port=weight entries (they stay with their backend"
+        " across failover; a backend not named weighs 1), or llama-server's plain 3,1 form."
+    ),
 ]
 MinBackendsOpt = Annotated[
     int, typer.Option(min=1, help="Serve on backends only once this many are ready.")
@@ -54,19 +59,6 @@ ExtraArgs = Annotated[
     list[str] | None,
     typer.Argument(help="Extra llama-server flags, after `--`.", show_default=False),
 ]
-
-
-def parse_tensor_split(text: str | None) -> str | None:
-    """Check `--tensor-split 1,1` here: llama-server would only fail after loading."""
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--tensor-split {text!r}: expected numbers like 1,1 or 3,1") from None
-    if not values or any(v < 0 for v in values) or not any(values):
-        raise ValueError(f"--tensor-split {text!r}: needs non-negative numbers, not all zero")
-    return text
 
 
 def parse_backends(texts: list[str]) -> tuple[Endpoint, ...]:

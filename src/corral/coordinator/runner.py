@@ -83,6 +83,7 @@ class Runner:
     _pending_exit: Exit | None = field(default=None, init=False)
     _unhealthy_since: float | None = field(default=None, init=False)
     _addresses: dict[Endpoint, frozenset[str]] = field(default_factory=dict, init=False)
+    _devices: dict[Endpoint, int] = field(default_factory=dict, init=False)  # from ready probes
     _linked: set[Endpoint] = field(default_factory=set, init=False)
     _node_seen: set[Endpoint] = field(default_factory=set, init=False)
     _reported: dict[Endpoint, Status] = field(default_factory=dict, init=False)
@@ -189,6 +190,9 @@ class Runner:
         also = self.memory.last_set or frozenset()
         self._round = await self.candidates.look(held, also)
         self._round_at = now
+        for result in self._round.results.values():
+            if result.status is Status.READY and result.devices:
+                self._devices[result.endpoint] = len(result.devices)
         await self._report_statuses(self._round)
         return True
 
@@ -286,7 +290,7 @@ class Runner:
             self.publish.warn(action.warning)
             await self.publish.event(EventKind.WARNING, action.warning)
         server = OwnedServer(
-            server_argv(self.llama_server, model, self.opts, action.backends),
+            server_argv(self.llama_server, model, self.opts, action.backends, self._devices),
             self.log_path,
             server_env(self.env),
             action.backends,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from corral.endpoint import Endpoint
+from corral.llama.split import TensorSplit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 18080
@@ -27,7 +28,7 @@ class ServerOptions:
     ctx_size: int | None = None
     parallel: int | None = None
     gpu_layers: int = ALL_LAYERS
-    tensor_split: str | None = None
+    tensor_split: TensorSplit | None = None
     extra_args: tuple[str, ...] = ()
 
     @property
@@ -37,8 +38,13 @@ class ServerOptions:
 
 
 def server_argv(
-    binary: Path, model: Path, opts: ServerOptions, backends: Sequence[Endpoint]
+    binary: Path,
+    model: Path,
+    opts: ServerOptions,
+    backends: Sequence[Endpoint],
+    devices: Mapping[Endpoint, int] | None = None,
 ) -> list[str]:
+    """devices: each backend's device count, which a named --tensor-split is spread over."""
     argv = [str(binary), "-m", str(model), "--host", opts.host, "--port", str(opts.port)]
     if backends:
         argv += ["--rpc", ",".join(str(b) for b in backends)]
@@ -47,8 +53,9 @@ def server_argv(
         argv += ["-c", str(opts.ctx_size)]
     if opts.parallel is not None:
         argv += ["-np", str(opts.parallel)]
-    if opts.tensor_split:
-        argv += ["--tensor-split", opts.tensor_split]
+    split = opts.tensor_split.argument(backends, devices or {}) if opts.tensor_split else None
+    if split is not None:
+        argv += ["--tensor-split", split]
     return argv + list(opts.extra_args)
 
 
