@@ -16,6 +16,8 @@ listener refuses, and a server bound to an address answers there.
     python3 tests/netns.py hold HOST PORT      connect, HELLO, keep the backend busy until killed
     python3 tests/netns.py banner HOST PORT    a TCP server that answers with an HTTP line
     python3 tests/netns.py scan --cidr C [--repeat N] [...]   scans, one JSON line per scan
+    python3 tests/netns.py http METHOD URL [--token T] [--json BODY] [--host H]
+                                               one request, one JSON line: status and body
 Needs root (ip netns) for the LAN; the helpers themselves need nothing.
 """
 
@@ -365,6 +367,23 @@ def scan(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
+def http(args: argparse.Namespace) -> None:
+    """One HTTP request from inside a namespace; prints {"status": ..., "body": ...}."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    if args.host:
+        headers["Host"] = args.host
+    body = json.loads(args.json) if args.json else None
+    with httpx.Client(trust_env=False, timeout=30) as client:
+        reply = client.request(args.method, args.url, headers=headers, json=body)
+    try:
+        content: Any = reply.json()
+    except ValueError:
+        content = reply.text
+    print(json.dumps({"status": reply.status_code, "body": content}), flush=True)
+
+
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tests/netns.py", description="Test LAN helpers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -381,8 +400,16 @@ def _main(argv: Sequence[str] | None = None) -> None:
     many.add_argument("--allow-large", action="store_true")
     many.add_argument("--no-sweep", action="store_true")
     many.add_argument("--sweep-above", type=int, default=512)
+    request = sub.add_parser("http")
+    request.add_argument("method")
+    request.add_argument("url")
+    request.add_argument("--token")
+    request.add_argument("--json")
+    request.add_argument("--host")
     args = parser.parse_args(argv)
-    if args.command == "hold":
+    if args.command == "http":
+        http(args)
+    elif args.command == "hold":
         hold(args.host, args.port)
     elif args.command == "banner":
         banner(args.host, args.port)

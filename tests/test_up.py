@@ -23,16 +23,17 @@ import httpx
 import psutil
 import pytest
 
+from corral.chain import ChainOptions, build_chain
 from corral.coordinator.control import generation_counters, tokens_per_second
 from corral.coordinator.policy import Do, Memory, Observation, PolicyConfig, Serving, decide
 from corral.demo import DEMO_BACKENDS, printable
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Status
+from corral.model import SourceName, Status
 from corral.monitor import Monitor
 from corral.rpc.probe import Prober
-from corral.store.base import CoordinatorRecord
+from corral.store.base import CoordinatorRecord, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
 from tests.conftest import StartRpc, free_port
 from tests.coordinator_support import until
@@ -527,6 +528,40 @@ async def test_monitor_takes_what_is_held_from_the_runner_not_the_lagging_record
         await monitor.discover_once()
         assert prober.held == set()
     finally:
+        await store.close()
+
+
+async def test_a_node_that_registers_is_discovered_at_the_next_recheck(
+    rpc_server: StartRpc, tmp_path: Path
+) -> None:
+    """A node registering over HTTP must show on the dashboard in seconds, not at the next
+    whole discovery (a minute later by default)."""
+    ep, _ = await rpc_server()
+    store = await EmbeddedStore.open(tmp_path / "state.db")
+    prober = Prober(timeout=1.0)
+    chain = ChainOptions(store=store)
+    monitor = Monitor(
+        store,
+        prober,
+        lambda: Discovery(build_chain([SourceName.REGISTRY], chain, prober), prober),
+        recheck_s=0.1,
+        discover_s=3600,
+        watch_nodes=True,
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(monitor.run(stop))
+    try:
+        await until(lambda: monitor.stats.scans == 1, 5, "the first discovery")
+        await store.register_node(NodeRegistration("n1", ep, "b1", Status.READY, heartbeat_s=1))
+        await until(lambda: ep in {r.endpoint for r in monitor.view()}, 5, "the node's backend")
+        assert monitor.stats.scans == 2
+        listed = {r.endpoint: r for r in await store.backends()}
+        assert listed[ep].status is Status.READY and SourceName.REGISTRY in listed[ep].sources
+        await asyncio.sleep(0.5)  # rechecks go on; the same registration brings no new scan
+        assert monitor.stats.scans == 2
+    finally:
+        stop.set()
+        await running
         await store.close()
 
 

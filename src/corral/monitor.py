@@ -3,7 +3,7 @@
 - every `recheck_s` it re-checks each known backend: a fresh probe for the free ones; for the
   ones the coordinator holds, no connection at all (they serve one client): a local backend is
   checked by its listening socket, a remote one by its node's heartbeat;
-- every `discover_s` (or on demand) it runs the whole discovery chain;
+- every `discover_s` (or on demand, or when a node registers) it runs the whole discovery chain;
 - it writes what it learns to the store as BackendRecords, with an event for every backend that
   appears, changes status or disappears. Everything that shows reads from there.
 """
@@ -92,7 +92,11 @@ class Monitor:
     # CoordinatorRecord says; it lags a restart (still naming the old set), which in one process
     # would make the coordinator's own probes of freed backends read "held".
     held_now: Callable[[], Collection[Endpoint]] | None = None
+    # With the registry among the sources: a node that registers (or comes back) brings the
+    # next discovery forward to the next recheck, instead of waiting up to `discover_s`.
+    watch_nodes: bool = False
     stats: MonitorStats = field(default_factory=MonitorStats)
+    _nodes_seen: set[Endpoint] = field(default_factory=set)
     _view: dict[Endpoint, BackendRecord] = field(default_factory=dict)
     _rescan: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -185,6 +189,8 @@ class Monitor:
             await self._apply(backends, held)
 
     async def recheck_once(self) -> None:
+        if self.watch_nodes:
+            await self._notice_new_nodes()
         held = await self._held()
         self.prober.held.clear()
         self.prober.held.update(held)
@@ -197,6 +203,18 @@ class Monitor:
                 held,
                 keep_sources=True,
             )
+
+    async def _notice_new_nodes(self) -> None:
+        try:
+            nodes = {n.endpoint for n in await self.store.live_nodes()}
+        except Exception as exc:  # the registry source will say so at the next discovery
+            log.info("monitor: node registrations unreadable: %s", exc)
+            return
+        new = nodes - self._view.keys() - self._nodes_seen
+        self._nodes_seen = nodes  # one that leaves and comes back is new again
+        if new:
+            log.info("monitor: new node registrations %s; discovering now", sorted(new))
+            self.request_rescan()
 
     async def _observe(self, ep: Endpoint, held: set[Endpoint]) -> ProbeResult:
         if ep not in held:

@@ -129,15 +129,15 @@ def _monitor(cfg: PlaneConfig, store: Store, prober: Prober, runner: Runner | No
     def discovery() -> Discovery:
         return Discovery(build_chain(names, chain, prober), prober)
 
-    if runner is None:  # a coordinator elsewhere: what it holds comes from the store
-        return Monitor(store, prober, discovery, cfg.watch.recheck_s, cfg.watch.discover_s)
     return Monitor(
         store,
         prober,
         discovery,
         cfg.watch.recheck_s,
         cfg.watch.discover_s,
-        held_now=lambda: runner.held,
+        # Without a coordinator here, what one elsewhere holds comes from the store.
+        held_now=None if runner is None else lambda: runner.held,
+        watch_nodes=SourceName.REGISTRY in names,
     )
 
 
