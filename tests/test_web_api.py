@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,13 @@ from corral.web import (
     post_heartbeat,
     serve,
 )
-from corral.web.security import Refusal, check_host, host_name, is_loopback_host
+from corral.web.security import (
+    Refusal,
+    check_host,
+    host_name,
+    is_loopback_host,
+    machine_names,
+)
 from tests.conftest import StartRpc
 from tests.test_web_helpers import (
     AUTH,
@@ -597,6 +604,16 @@ def test_host_check_refuses_foreign_names_only_on_loopback() -> None:
         # Reached on a LAN address, any name is fine: that is how the LAN reaches it.
         check_host("192.0.2.10", header)
     check_host(None, "evil.example")
+    # The machine's own names, as its owner set them, pass on loopback (Debian: 127.0.1.1).
+    hosts = "127.0.0.1 localhost\n127.0.1.1 gpu-box.lan gpu-box  # this machine\n"
+    hosts += "192.0.2.7 nas\n# 127.0.0.1 commented\n::1 ip6-localhost\n"
+    names = machine_names(hosts, "Gpu-Box")
+    assert names == {"localhost", "gpu-box.lan", "gpu-box", "ip6-localhost"}
+    check_host("127.0.1.1", "gpu-box.lan:8080", names)
+    check_host("127.0.1.1", "GPU-BOX.", names)
+    for header in ("nas:8080", "commented", "evil.example"):
+        with pytest.raises(Refusal):
+            check_host("127.0.1.1", header, names)
 
 
 async def test_a_rebound_name_cannot_read_or_act_on_a_loopback_dashboard(tmp_path: Path) -> None:
@@ -615,7 +632,7 @@ async def test_a_rebound_name_cannot_read_or_act_on_a_loopback_dashboard(tmp_pat
             assert "rebind.example" in r.json()["detail"]
         r = await c.post("/api/rescan", headers={**foreign, **AUTH})
         assert r.status_code == 421  # refused before anything ran, even with the right token
-        for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"{socket.gethostname()}:{port}"):
             r = await c.get("/api/rpc_backends", headers={"Host": host})
             assert r.status_code == 200 and len(r.json()) == 1
         r = await c.post("/api/rescan", headers={"Host": f"localhost:{port}", **AUTH})

@@ -51,6 +51,7 @@ from corral.web.security import (
     Receive,
     Scope,
     Send,
+    read_machine_names,
 )
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY,
     max_proxy_body_bytes: int = DEFAULT_MAX_PROXY_BODY,
     refresh_s: float = 1.0,
+    machine_names: frozenset[str] | None = None,
 ) -> FastAPI:
     """Build the dashboard.
 
@@ -152,6 +154,8 @@ def create_app(
     coordinator_url: base URL of the coordinator's llama-server (e.g. http://127.0.0.1:8081);
         `/v1/*` is forwarded there. None → `/v1/*` answers 503.
     token: the bearer token every POST needs (CORRAL_TOKEN); None or "" → POSTs all 401.
+    machine_names: Host names accepted on loopback besides loopback ones; None → this
+        machine's name and its /etc/hosts loopback names.
     """
     token = token or None
     live = LiveView(store, coordinator, refresh_s=refresh_s)
@@ -201,7 +205,12 @@ def create_app(
     app.add_middleware(CachedBodyMiddleware, path=BACKENDS_PATH, body=lambda: live.backends_body)
     app.add_middleware(
         GuardMiddleware,
-        cfg=GuardConfig(token=token, max_body=max_body_bytes, max_proxy_body=max_proxy_body_bytes),
+        cfg=GuardConfig(
+            token=token,
+            max_body=max_body_bytes,
+            max_proxy_body=max_proxy_body_bytes,
+            machine_names=read_machine_names() if machine_names is None else machine_names,
+        ),
     )
     bearer = HTTPBearer(auto_error=False, description="CORRAL_TOKEN")
     refusals: dict[int | str, dict[str, Any]] = {

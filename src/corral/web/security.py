@@ -12,8 +12,10 @@ import functools
 import hmac
 import ipaddress
 import json
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MAX_BODY = 64 * 1024  # /api/*: registrations and small commands
@@ -74,30 +76,57 @@ def host_name(host_header: str) -> str:
     return text
 
 
-def check_host(local_address: str | None, host_header: str | None) -> None:
+def machine_names(hosts_text: str, hostname: str) -> frozenset[str]:
+    """Pure: the names this machine's owner gave its loopback addresses: the host name (Debian
+    maps it to 127.0.1.1) and every /etc/hosts name on a loopback line. A user opening the
+    dashboard by one of these is at this machine; a rebinding page cannot pick them."""
+    names = {hostname.lower()} if hostname else set()
+    for line in hosts_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and is_loopback_host(fields[0]):
+            names.update(name.lower() for name in fields[1:])
+    return frozenset(names)
+
+
+def read_machine_names(hosts_file: Path = Path("/etc/hosts")) -> frozenset[str]:
+    """machine_names() of this machine (reads one small file, once, when the app is built)."""
+    try:
+        text = hosts_file.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    return machine_names(text, socket.gethostname())
+
+
+def check_host(
+    local_address: str | None, host_header: str | None, allowed: frozenset[str] = frozenset()
+) -> None:
     """Pure: refuse (421) a request that came in on loopback but names another host.
 
     A browser page from elsewhere can make its own name resolve to 127.0.0.1 (DNS rebinding) and
     then read a loopback service as if it were its own origin; its requests still carry its
-    name in Host, which no real user of a loopback dashboard sends. Requests that reached a
-    LAN address, and those without a Host header, are let through.
+    name in Host, which no real user of a loopback dashboard sends. Loopback names and the
+    machine's own (`allowed`, from machine_names) pass; so do requests that reached a LAN
+    address, and those without a Host header.
     """
     if local_address is None or host_header is None or not is_loopback_host(local_address):
         return
     name = host_name(host_header)
-    if is_loopback_host(name):
+    if is_loopback_host(name) or name.lower().rstrip(".") in allowed:
         return
     raise Refusal(
         421,
         f"this dashboard answers on loopback only to loopback names (localhost, 127.0.0.1,"
-        f" [::1]), not to Host {name!r}: a page from another site may be trying DNS rebinding."
-        " Open it as http://127.0.0.1:<port>/",
+        f" [::1]) and this machine's own, not to Host {name!r}: a page from another site may"
+        " be trying DNS rebinding. Open it as http://127.0.0.1:<port>/",
     )
 
 
-def _host_refusal(local_address: str | None, host_header: bytes | None) -> Refusal | None:
+def _host_refusal(
+    allowed: frozenset[str], local_address: str | None, host_header: bytes | None
+) -> Refusal | None:
     try:
-        check_host(local_address, None if host_header is None else host_header.decode("latin-1"))
+        header = None if host_header is None else host_header.decode("latin-1")
+        check_host(local_address, header, allowed)
     except Refusal as refusal:
         return refusal
     return None
@@ -110,6 +139,7 @@ class GuardConfig:
     max_proxy_body: int = DEFAULT_MAX_PROXY_BODY
     proxy_prefix: str = "/v1/"
     json_prefix: str = "/api/"
+    machine_names: frozenset[str] = frozenset()  # Host names accepted on loopback besides
 
 
 class Refusal(Exception):
@@ -160,7 +190,9 @@ class GuardMiddleware:
         self.app = app
         self.cfg = cfg
         # The same few (address, Host) pairs arrive on every request: decide each once.
-        self._host_refusal = functools.lru_cache(maxsize=256)(_host_refusal)
+        self._host_refusal = functools.lru_cache(maxsize=256)(
+            functools.partial(_host_refusal, cfg.machine_names)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
