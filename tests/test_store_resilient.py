@@ -141,6 +141,41 @@ async def test_catch_up_applies_removals_and_keeps_newer_remote_records(
         await other.close()
 
 
+async def test_catch_up_does_not_trust_clocks_that_differ(
+    resilient: ResilientStore, redis_server: RedisServer
+) -> None:
+    """Our clock runs 500 s ahead of the other machine's; theirs wrote last. Catch-up must not
+    push our old record over theirs for looking newer, nor drop the event we recorded during
+    the outage because theirs carries a later time."""
+    store, t0 = resilient, time.time()
+    await store.put_backends([backend(OTHER, last_seen=t0 + 500, version="ours, earlier")])
+    other = await observe(redis_server)
+    await other.put_backends([backend(OTHER, last_seen=t0 + 1, version="theirs, later")])
+    ahead = Event(EventKind.WARNING, "from a machine whose clock is ahead", None, t0 + 1000)
+    await other.add_event(ahead)
+    await other.close()
+    raw = Redis.from_url(redis_server.url)
+    await raw.save()  # Redis comes back with what it had before the outage
+    await raw.aclose()
+
+    await asyncio.to_thread(redis_server.stop)
+    during = Event(EventKind.COORDINATOR_RESTARTED, "restarted during the outage", EP, t0 + 2)
+    await store.add_event(during)
+    await store.put_backends([backend(EP, last_seen=t0 + 2, version="ours, during")])
+    await asyncio.to_thread(redis_server.start)
+    await eventually(lambda: store.redis_up)
+
+    other = await observe(redis_server)
+    try:
+        view = {r.endpoint: r.version for r in await other.backends()}
+        assert view == {OTHER: "theirs, later", EP: "ours, during"}
+        messages = [e.message for e in await other.events(100)]
+        assert "restarted during the outage" in messages, messages
+        assert ahead.message in messages
+    finally:
+        await other.close()
+
+
 async def test_redis_down_at_start_then_up(tmp_path: Path) -> None:
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis")  # not started: nothing listens on its port

@@ -2,14 +2,19 @@
 
 Writes go to the embedded store, then to Redis. Reads come from Redis (it holds every machine's
 state) and fall back to the embedded store. When Redis goes away: one warning and one event, and
-the embedded store carries on alone. A monitor pings; when Redis answers again the embedded view
-is pushed to it (catch-up) before it is read from again.
+the embedded store carries on alone. A monitor pings; when Redis answers again what it missed is
+pushed to it (catch-up) before it is read from again.
+
+Catch-up goes by what this process wrote while Redis was away, not by comparing clocks: machines'
+clocks differ, and a clock running ahead must not let old records or events override (or hide)
+another machine's. Only when both wrote the same backend meanwhile does `last_seen` decide.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -65,8 +70,12 @@ class ResilientStore:
         redis.warnings = embedded.warnings  # one list: callers drain a single place
         self._up = True
         self._lock = asyncio.Lock()  # writes and catch-up: nothing slips between them
-        self._removed: set[Endpoint] = set()  # removals Redis has not seen yet
+        # What Redis has not seen yet: written while it was away.
+        self._removed: set[Endpoint] = set()
         self._unregistered: set[str] = set()
+        self._unsent_backends: set[Endpoint] = set()
+        self._unsent_events: deque[Event] = deque(maxlen=embedded.max_events)
+        self._unsent_coordinator = False
         self._pumps: dict[QueueSubscription, _Pumps] = {}
         self._monitor: asyncio.Task[None] | None = None
 
@@ -98,7 +107,9 @@ class ResilientStore:
             f"the embedded store {self._embedded.path} until it is back"
         )
         add_warning(self.warnings, message)
-        await self._embedded.add_event(Event(EventKind.WARNING, message))
+        event = Event(EventKind.WARNING, message)
+        await self._embedded.add_event(event)
+        self._unsent_events.append(event)
 
     async def _watch(self) -> None:
         while True:
@@ -126,7 +137,7 @@ class ResilientStore:
                 self._embedded.notify(Change(topic))
 
     async def _push_view(self) -> tuple[int, int]:
-        """Push what Redis missed; never overwrite something newer than ours."""
+        """Push what Redis missed: what it lost, and what we wrote while it was away."""
         redis, local = self._redis, self._embedded
         for endpoint in sorted(self._removed):
             await redis.remove_backend(endpoint)
@@ -136,24 +147,30 @@ class ResilientStore:
         self._unregistered.clear()
 
         theirs = {r.endpoint: r for r in await redis.backends()}
+        unsent = self._unsent_backends
         push = [
             r
             for r in await local.backends()
-            if r.endpoint not in theirs or r.last_seen > theirs[r.endpoint].last_seen
+            if r.endpoint not in theirs  # Redis lost it (restarted empty) or never had it
+            or (r.endpoint in unsent and r.last_seen >= theirs[r.endpoint].last_seen)
         ]
         await redis.put_backends(push)
+        unsent.clear()
 
-        ours_c, theirs_c = await local.coordinator(), await redis.coordinator()
-        if ours_c is not None and (theirs_c is None or ours_c.updated_at > theirs_c.updated_at):
+        ours_c = await local.coordinator()
+        if ours_c is not None and (self._unsent_coordinator or await redis.coordinator() is None):
             await redis.set_coordinator(ours_c)
+        self._unsent_coordinator = False
 
         for reg in await local.live_nodes():
             await redis.register_node(reg)
 
-        latest = await redis.events(limit=1)
-        since = latest[-1].ts if latest else float("-inf")
-        new = [e for e in await local.events(limit=local.max_events) if e.ts > since]
+        if await redis.events(limit=1):
+            new = list(self._unsent_events)
+        else:  # an empty Redis: give it the history we have
+            new = await local.events(limit=local.max_events)
         await redis.add_events(new)
+        self._unsent_events.clear()
         return len(push), len(new)
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -200,11 +217,13 @@ class ResilientStore:
         async with self._lock:
             await self._embedded.put_backends(records)
             self._removed.difference_update(r.endpoint for r in records)
-            await self._mirror(lambda: self._redis.put_backends(records))
+            if not await self._mirror(lambda: self._redis.put_backends(records)):
+                self._unsent_backends.update(r.endpoint for r in records)
 
     async def remove_backend(self, endpoint: Endpoint) -> None:
         async with self._lock:
             await self._embedded.remove_backend(endpoint)
+            self._unsent_backends.discard(endpoint)
             if not await self._mirror(lambda: self._redis.remove_backend(endpoint)):
                 self._removed.add(endpoint)
 
@@ -214,7 +233,8 @@ class ResilientStore:
     async def set_coordinator(self, record: CoordinatorRecord) -> None:
         async with self._lock:
             await self._embedded.set_coordinator(record)
-            await self._mirror(lambda: self._redis.set_coordinator(record))
+            if not await self._mirror(lambda: self._redis.set_coordinator(record)):
+                self._unsent_coordinator = True
 
     async def coordinator(self) -> CoordinatorRecord | None:
         return await self._read(self._redis.coordinator, self._embedded.coordinator)
@@ -222,7 +242,8 @@ class ResilientStore:
     async def add_event(self, event: Event) -> None:
         async with self._lock:
             await self._embedded.add_event(event)
-            await self._mirror(lambda: self._redis.add_event(event))
+            if not await self._mirror(lambda: self._redis.add_event(event)):
+                self._unsent_events.append(event)
 
     async def events(self, limit: int = 100) -> list[Event]:
         return await self._read(
