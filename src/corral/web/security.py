@@ -2,8 +2,9 @@
 
 Reads are open (they show what the store says); every request that could change something (any
 method but GET/HEAD) needs `Authorization: Bearer <token>`, checked before its body is read.
-A request that reached a loopback address must also be addressed to a loopback name, so a web
-page cannot read the dashboard (or prompt the coordinator) through DNS rebinding.
+A request that reached a loopback address must also be addressed to a loopback name or one of
+the machine's own, so a web page cannot read the dashboard (or prompt the coordinator) through
+DNS rebinding.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class GuardConfig:
     max_proxy_body: int = DEFAULT_MAX_PROXY_BODY
     proxy_prefix: str = "/v1/"
     json_prefix: str = "/api/"
-    machine_names: frozenset[str] = frozenset()  # Host names accepted on loopback besides
+    machine_names: frozenset[str] = frozenset()  # accepted on loopback besides loopback names
 
 
 class Refusal(Exception):
