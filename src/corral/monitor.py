@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from corral.discovery import Discovery, DiscoveryResult
@@ -22,7 +22,7 @@ from corral.endpoint import Endpoint
 from corral.model import Backend, ProbeResult, SourceName, Status
 from corral.node.local import local_listener_state
 from corral.rpc.probe import BUSY_MEMORY_S, Prober
-from corral.store.base import BackendRecord, Event, EventKind, Store
+from corral.store.base import BackendRecord, Event, EventKind, NodeRegistration, Store
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +189,14 @@ class Monitor:
             await self._apply(backends, held)
 
     async def recheck_once(self) -> None:
-        if self.watch_nodes:
-            await self._notice_new_nodes()
         held = await self._held()
+        nodes = await self._live_nodes() if self.watch_nodes or held else None
+        if self.watch_nodes and nodes is not None:
+            self._notice_new_nodes(nodes)
         self.prober.held.clear()
         self.prober.held.update(held)
         endpoints = list(self._view)
-        results = await asyncio.gather(*(self._observe(ep, held) for ep in endpoints))
+        results = await asyncio.gather(*(self._observe(ep, held, nodes) for ep in endpoints))
         self.stats.rechecks += 1
         async with self._lock:
             await self._apply(
@@ -204,19 +205,27 @@ class Monitor:
                 keep_sources=True,
             )
 
-    async def _notice_new_nodes(self) -> None:
+    async def _live_nodes(self) -> dict[Endpoint, NodeRegistration] | None:
+        """The live registrations, read once per recheck; None when the store cannot say."""
         try:
-            nodes = {n.endpoint for n in await self.store.live_nodes()}
+            return {n.endpoint: n for n in await self.store.live_nodes()}
         except Exception as exc:  # the registry source will say so at the next discovery
             log.info("monitor: node registrations unreadable: %s", exc)
-            return
-        new = nodes - self._view.keys() - self._nodes_seen
-        self._nodes_seen = nodes  # one that leaves and comes back is new again
+            return None
+
+    def _notice_new_nodes(self, nodes: Mapping[Endpoint, NodeRegistration]) -> None:
+        new = nodes.keys() - self._view.keys() - self._nodes_seen
+        self._nodes_seen = set(nodes)  # one that leaves and comes back is new again
         if new:
             log.info("monitor: new node registrations %s; discovering now", sorted(new))
             self.request_rescan()
 
-    async def _observe(self, ep: Endpoint, held: set[Endpoint]) -> ProbeResult:
+    async def _observe(
+        self,
+        ep: Endpoint,
+        held: set[Endpoint],
+        nodes: Mapping[Endpoint, NodeRegistration] | None,
+    ) -> ProbeResult:
         if ep not in held:
             result = await self.prober.probe(ep)
             if result.latency_ms is not None:
@@ -228,9 +237,9 @@ class Monitor:
         listening = await asyncio.to_thread(local_listener_state, ep)
         if listening is False:
             return ProbeResult(ep, Status.OFFLINE, error="in use, but no longer listening")
-        for node in await self.store.live_nodes():
-            if node.endpoint == ep and node.status is Status.OFFLINE:
-                return ProbeResult(ep, Status.OFFLINE, error="its node reports it down")
+        node = (nodes or {}).get(ep)
+        if node is not None and node.status is Status.OFFLINE:
+            return ProbeResult(ep, Status.OFFLINE, error="its node reports it down")
         old = self._view.get(ep)
         return ProbeResult(
             ep,
