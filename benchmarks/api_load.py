@@ -43,9 +43,9 @@ import httpx
 import psutil
 
 from corral.endpoint import Endpoint
-from corral.model import Device, SourceName, Status
 from corral.store.base import BackendRecord, Store
 from corral.store.sqlite import EmbeddedStore
+from corral.types import Device, SourceName, Status
 from corral.web import create_app, serve
 
 PATH = "/api/rpc_backends"
@@ -371,7 +371,7 @@ async def time_to_offline(
 async def _one_death(
     start_monitor: StartMonitor, rpc_server: Path, tmp: Path, n: int, poll_s: float
 ) -> float:
-    from corral.supervisor import Child, rpc_server_argv
+    from corral.llama.supervisor import Child, rpc_server_argv
 
     host = "127.0.0.1"
     with socket.socket() as s:

@@ -30,8 +30,8 @@ import httpx
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import find_binaries
+from corral.llama.supervisor import Child, rpc_server_argv
 from corral.llama.tiny_model import write_tiny_model
-from corral.supervisor import Child, rpc_server_argv
 from support import free_port, until
 
 

@@ -36,11 +36,11 @@ from corral.endpoint import Endpoint
 from corral.llama.binaries import find_binaries
 from corral.llama.server import ServerOptions
 from corral.llama.split import parse_tensor_split
+from corral.llama.supervisor import Child, rpc_server_argv
 from corral.llama.tiny_model import write_tiny_model
-from corral.model import Status
 from corral.rpc.probe import Prober
 from corral.store.sqlite import EmbeddedStore
-from corral.supervisor import Child, rpc_server_argv
+from corral.types import Status
 from support import free_port, until
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}

@@ -36,12 +36,12 @@ from pathlib import Path
 import psutil
 
 from corral.endpoint import Endpoint
-from corral.model import Status
+from corral.llama.supervisor import Child
 from corral.sources.registry import RegistrySource
 from corral.store.base import MISSED_BEATS, Store
 from corral.store.redis import RedisStore
 from corral.store.sqlite import EmbeddedStore
-from corral.supervisor import Child
+from corral.types import Status
 from support import free_port, until
 
 POLL_S = 0.01

@@ -60,11 +60,11 @@ from tests.netns import (
 )
 
 from corral.llama.binaries import BinariesNotFound, find_binaries
-from corral.model import result_to_json
+from corral.llama.supervisor import Child, rpc_server_argv
 from corral.net.neighbours import ARP_STATS, GC_THRESH3, read_neighbour_stats
 from corral.rpc.probe import Prober
 from corral.sources.scan import Scanner, ScanSource
-from corral.supervisor import Child, rpc_server_argv
+from corral.types import result_to_json
 
 PORT = 50052
 NET24 = "198.18.0.0/24"

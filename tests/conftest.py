@@ -17,9 +17,9 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
-from corral.model import Status
+from corral.llama.supervisor import Child, rpc_server_argv
 from corral.rpc.probe import Prober
-from corral.supervisor import Child, rpc_server_argv
+from corral.types import Status
 
 # Each test gets its own loopback addresses (127.0.0.0/8 is all ours), so tests never collide.
 _addresses = itertools.count(10)

@@ -1,4 +1,4 @@
-"""Start a real llama-server (tiny model, RPC backends) for tests, through corral.supervisor.Child.
+"""Start a real llama-server (tiny model, RPC backends) for tests, through llama.supervisor.Child.
 
 The caller stops it with `child.stop()` (SIGTERM, then SIGKILL, by PID); use `running_llama_server`
 so that happens on every exit path.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.supervisor import Child
+from corral.llama.supervisor import Child
 from tests.conftest import free_port, next_loopback
 
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.supervisor import Child
+from corral.llama.supervisor import Child
 
 if TYPE_CHECKING:
     from corral.sources.scan import ScanSource
@@ -311,8 +311,8 @@ def banner(host: str, port: int) -> None:
 
 async def scan_report(source: ScanSource, number: int = 1) -> dict[str, Any]:
     """Run one collect() of `source`; return what it found and what it cost, as JSON-ready."""
-    from corral.model import result_to_json
     from corral.net.neighbours import read_neighbour_stats
+    from corral.types import result_to_json
 
     before = read_neighbour_stats()
     start = time.monotonic()

@@ -20,7 +20,7 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Status
+from corral.types import Status
 from tests import fakes
 from tests.conftest import StartRpc, free_port
 from tests.fakes import fake_server

@@ -23,10 +23,10 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Status
+from corral.llama.supervisor import Child
 from corral.store.base import BackendRecord, CoordinatorRecord, Store
 from corral.store.sqlite import EmbeddedStore
-from corral.supervisor import Child
+from corral.types import Status
 from tests.netns import Lan, can_build_lan, helper_argv, isolated_lan, run_in, wait_listening
 from tests.test_cli import corral_script
 from tests.test_registry_faults import isolated_env

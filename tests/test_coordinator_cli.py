@@ -159,8 +159,8 @@ def _gone(pid: int) -> bool:
 
 
 async def _ready(ep: Endpoint) -> bool:
-    from corral.model import Status
     from corral.rpc.probe import Prober
+    from corral.types import Status
 
     return (await Prober(timeout=1.0).probe(ep)).status is Status.READY
 

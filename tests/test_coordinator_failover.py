@@ -16,8 +16,8 @@ from pathlib import Path
 import psutil
 
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Status
 from corral.store.base import BackendRecord, EventKind
+from corral.types import Status
 from tests.conftest import StartRpc
 from tests.coordinator_support import chat, running, stream, until
 

@@ -19,12 +19,12 @@ import pytest
 from corral.coordinator.runner import CoordinatorError
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
+from corral.llama.processes import find_coordinators
 from corral.llama.server import ServerOptions, server_argv, server_env
-from corral.model import Status
+from corral.llama.supervisor import Child, rpc_server_argv
 from corral.rpc import protocol
-from corral.sources.process import find_coordinators
 from corral.store.base import EventKind, NodeRegistration
-from corral.supervisor import Child, rpc_server_argv
+from corral.types import Status
 from tests.conftest import StartRpc, free_port, next_loopback
 from tests.coordinator_support import Running, chat, health, running, until
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from corral.chain import ChainOptions, build_chain
 from corral.discovery import Discovery, choose, merge
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Backend, ProbeResult, Sighting, SourceName, Status
 from corral.rpc.probe import Prober
 from corral.sources.base import Source, SourceReport
+from corral.sources.chain import ChainOptions, build_chain
+from corral.types import Backend, ProbeResult, Sighting, SourceName, Status
 from tests.conftest import StartRpc, free_port
 from tests.llama_server import running_llama_server
 
@@ -231,7 +231,7 @@ def test_empty_sources_option_is_refused_not_the_default_chain() -> None:
     # An empty --sources must not silently run mdns and a scan of the real networks.
     import pytest
 
-    from corral.chain import ChainError, parse_source_names
+    from corral.sources.chain import ChainError, parse_source_names
 
     with pytest.raises(ChainError, match="empty"):
         parse_source_names("  ")

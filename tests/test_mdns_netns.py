@@ -21,7 +21,7 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.supervisor import Child
+from corral.llama.supervisor import Child
 from tests.netns import (
     Lan,
     can_build_lan,

@@ -13,14 +13,14 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import SourceName, Status
 from corral.node.agent import NodeAgent, NodeConfig, restart_delay
 from corral.node.command import NodeOptionsError, check_bind_host
-from corral.node.local import node_id
+from corral.node.identity import node_id
 from corral.rpc import protocol as p
 from corral.sources.registry import RegistrySource
 from corral.store.base import NodeRegistration, Store
 from corral.store.sqlite import EmbeddedStore
+from corral.types import SourceName, Status
 from tests.conftest import StartRpc, free_port, next_loopback
 
 HEARTBEAT = 0.25

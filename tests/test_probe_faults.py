@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from corral.model import Device, ProbeResult, Status
 from corral.rpc import protocol as p
 from corral.rpc.probe import HTTP_NUDGE, Prober
+from corral.types import Device, ProbeResult, Status
 from tests import fakes
 from tests.fakes import Conn, FakeServer, Script, fake_server
 

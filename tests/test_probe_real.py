@@ -15,10 +15,10 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Status
+from corral.llama.supervisor import Child
 from corral.rpc import protocol as p
 from corral.rpc.probe import Prober
-from corral.supervisor import Child
+from corral.types import Status
 from tests.conftest import StartRpc, free_port, wait_status
 from tests.llama_server import running_llama_server
 

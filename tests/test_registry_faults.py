@@ -28,14 +28,14 @@ from redis.exceptions import RedisError
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import RPC_SERVER_NAMES, LlamaBinaries
-from corral.model import Status
+from corral.llama.supervisor import Child
 from corral.node.command import advertise_host
 from corral.rpc import protocol as p
 from corral.rpc.probe import Prober
 from corral.store import codec
 from corral.store.base import MISSED_BEATS, NodeRegistration
 from corral.store.redis import LEGACY_KEY, RedisStore
-from corral.supervisor import Child
+from corral.types import Status
 from tests.conftest import StartRpc, free_port, next_loopback
 from tests.redis_server import RedisServer, redis_server
 from tests.test_cli import Run, corral, corral_script

@@ -23,10 +23,11 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import ProbeResult, Status
+from corral.llama.supervisor import Child, rpc_server_argv
 from corral.net import neighbours as nb
+from corral.net.pacing import NeighbourPacer
 from corral.sources import scan as sc
-from corral.supervisor import Child, rpc_server_argv
+from corral.types import ProbeResult, Status
 from tests.netns import (
     BENCH_NET,
     Lan,
@@ -209,11 +210,15 @@ def test_parse_arp_stats_sums_cpus() -> None:
     assert nb.parse_arp_stats(text, 512) == nb.NeighbourStats(16, 7, 512, 4)
 
 
-async def test_pacer_budget_and_overflow_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_pacer_budget_and_overflow_windows() -> None:
     readings = iter([nb.NeighbourStats(124, 100, 1024), nb.NeighbourStats(130, 105, 1024)])
-    monkeypatch.setattr(sc, "read_neighbour_stats", lambda: next(readings, None))
-    monkeypatch.setattr(sc, "count_failed_neighbours", lambda: 100)  # reclaimable: not taken
-    pacer = sc.NeighbourPacer(fill=0.75, hold=3.5, interval=0.0)
+    pacer = NeighbourPacer(
+        fill=0.75,
+        hold=3.5,
+        interval=0.0,
+        read_stats=lambda: next(readings, None),
+        count_failed=lambda: 100,  # reclaimable: not taken
+    )
     assert pacer.budget == 768 - 24
     began = await pacer.room()  # reads the table again: table_fulls rose by 5
     # measured before our connect: others hold 130 - 100 failed = 30; the overflow shrinks it
@@ -221,10 +226,15 @@ async def test_pacer_budget_and_overflow_windows(monkeypatch: pytest.MonkeyPatch
     assert not pacer.overflowed_at(began + 10)
 
 
-async def test_pacer_waits_when_its_budget_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sc, "read_neighbour_stats", lambda: nb.NeighbourStats(0, 0, 40))
-    monkeypatch.setattr(sc, "count_failed_neighbours", lambda: 0)
-    pacer = sc.NeighbourPacer(fill=0.5, hold=0.3, interval=0.0, min_budget=1)
+async def test_pacer_waits_when_its_budget_is_used() -> None:
+    pacer = NeighbourPacer(
+        fill=0.5,
+        hold=0.3,
+        interval=0.0,
+        min_budget=1,
+        read_stats=lambda: nb.NeighbourStats(0, 0, 40),
+        count_failed=lambda: 0,
+    )
     assert pacer.budget == 20
     starts = [await pacer.room() for _ in range(30)]
     assert starts[19] - starts[0] < 0.1  # the first 20 at once

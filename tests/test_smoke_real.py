@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from corral.model import Status
 from corral.rpc.probe import Prober
+from corral.types import Status
 from tests.conftest import StartRpc
 
 

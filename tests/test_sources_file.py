@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from corral.endpoint import Endpoint
-from corral.model import Sighting, SourceName
 from corral.sources.file import (
     FILE_NAME,
     MAX_FILE_BYTES,
@@ -18,6 +17,7 @@ from corral.sources.file import (
     parse_backends_file,
     read_backends_file,
 )
+from corral.types import Sighting, SourceName
 
 SAMPLE = """\
 # GPU boxes in the rack

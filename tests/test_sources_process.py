@@ -8,16 +8,16 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import SourceName, Status
-from corral.rpc.probe import Prober
-from corral.sources.process import (
+from corral.llama.processes import (
     DEFAULT_SERVER_PORT,
     Coordinator,
-    ProcessSource,
     find_coordinators,
     is_llama_server,
     parse_coordinator,
 )
+from corral.rpc.probe import Prober
+from corral.sources.process import ProcessSource
+from corral.types import SourceName, Status
 from tests.conftest import StartRpc
 from tests.llama_server import running_llama_server
 

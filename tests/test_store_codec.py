@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corral.endpoint import PLACEHOLDER_HOSTS, Endpoint, parse_endpoint
-from corral.model import Device, SourceName, Status
 from corral.store import codec
 from corral.store.base import (
     BackendRecord,
@@ -21,6 +20,7 @@ from corral.store.base import (
     EventKind,
     NodeRegistration,
 )
+from corral.types import Device, SourceName, Status
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from corral.endpoint import Endpoint
-from corral.model import Status
 from corral.store import codec
 from corral.store.sqlite import EmbeddedStore
+from corral.types import Status
 from tests.test_store_codec import EP, EP6, backend, coordinator, event, node
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs

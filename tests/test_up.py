@@ -23,18 +23,18 @@ import httpx
 import psutil
 import pytest
 
-from corral.chain import ChainOptions, build_chain
-from corral.coordinator.control import generation_counters, tokens_per_second
 from corral.coordinator.policy import Do, Memory, Observation, PolicyConfig, Serving, decide
 from corral.demo import DEMO_BACKENDS, printable
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import SourceName, Status
 from corral.monitor import Monitor
+from corral.plane.control import generation_counters, tokens_per_second
 from corral.rpc.probe import Prober
+from corral.sources.chain import ChainOptions, build_chain
 from corral.store.base import CoordinatorRecord, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
+from corral.types import SourceName, Status
 from tests.conftest import StartRpc, free_port
 from tests.coordinator_support import until
 

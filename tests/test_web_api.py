@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Backend, Device, ProbeResult, Status
 from corral.store.base import BackendRecord, Event, EventKind, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
+from corral.types import Backend, Device, ProbeResult, Status
 from corral.web import (
     CoordinatorStatus,
     HeartbeatRefused,

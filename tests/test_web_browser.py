@@ -22,9 +22,9 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import Status
 from corral.store.base import BackendRecord
 from corral.store.sqlite import EmbeddedStore
+from corral.types import Status
 from tests.conftest import StartRpc
 from tests.test_web_helpers import TOKEN, LlamaController, ProbeLoop, running_dashboard, wait_for
 

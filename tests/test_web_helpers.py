@@ -26,11 +26,11 @@ from fastapi import FastAPI
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.model import SourceName, Status
+from corral.llama.supervisor import Child
 from corral.rpc.probe import Prober
 from corral.store.base import BackendRecord, CoordinatorRecord, Event, EventKind
 from corral.store.sqlite import EmbeddedStore
-from corral.supervisor import Child
+from corral.types import SourceName, Status
 from corral.web import CoordinatorControl, CoordinatorStatus, Rescan, create_app, serve
 from tests.conftest import free_port
 

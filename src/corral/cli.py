@@ -16,17 +16,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from corral.chain import ChainError, ChainOptions, build_chain, parse_source_names
 from corral.console import error
 from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import DEFAULT_RPC_PORT, Endpoint, EndpointError, parse_endpoint
 from corral.llama.binaries import BinariesNotFound, find_binaries
-from corral.model import Backend, SourceName
+from corral.llama.probing import installed_prober
 from corral.output import backends_json, print_backends
-from corral.probing import installed_prober
 from corral.rpc.probe import Prober
 from corral.sources.base import SourceReport
+from corral.sources.chain import ChainError, ChainOptions, build_chain, parse_source_names
 from corral.sources.scan import ScanError, ScanSource
+from corral.types import Backend, SourceName
 
 app = typer.Typer(
     help="Find, probe and keep serving distributed llama.cpp RPC backends.",
@@ -459,9 +459,9 @@ def node(
 
 # --- dashboard and control plane (issue "Dashboard") ----------------------------------------
 # `corral dashboard` (page + API + metrics + monitor) and `corral up` (that, plus the coordinator,
-# in one process) live in corral.control_plane.command; here they are only registered.
-from corral.control_plane.command import dashboard as dashboard_command  # noqa: E402
-from corral.control_plane.command import up as up_command  # noqa: E402
+# in one process) live in corral.plane.command; here they are only registered.
+from corral.plane.command import dashboard as dashboard_command  # noqa: E402
+from corral.plane.command import up as up_command  # noqa: E402
 
 app.command("dashboard")(dashboard_command)
 app.command("up")(up_command)

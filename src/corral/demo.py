@@ -22,8 +22,16 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
-from corral.chain import ChainOptions, build_chain
-from corral.control_plane.plane import (
+from corral.discovery import Discovery
+from corral.endpoint import Endpoint
+from corral.llama.binaries import LlamaBinaries
+from corral.llama.probing import prober_for
+from corral.llama.server import ServerOptions
+from corral.llama.split import parse_tensor_split
+from corral.llama.supervisor import Child, rpc_server_argv
+from corral.output import print_backends
+from corral.paths import state_dir
+from corral.plane.plane import (
     CoordinatorPlan,
     Plane,
     PlaneConfig,
@@ -32,17 +40,9 @@ from corral.control_plane.plane import (
     run_plane,
     stop_on_signals,
 )
-from corral.discovery import Discovery
-from corral.endpoint import Endpoint
-from corral.llama.binaries import LlamaBinaries
-from corral.llama.server import ServerOptions
-from corral.llama.split import parse_tensor_split
-from corral.model import SourceName, Status
-from corral.output import print_backends
-from corral.paths import state_dir
-from corral.probing import prober_for
 from corral.rpc.probe import Prober
-from corral.supervisor import Child, rpc_server_argv
+from corral.sources.chain import ChainOptions, build_chain
+from corral.types import SourceName, Status
 
 DEMO_BACKENDS = (Endpoint("127.0.0.45", 50052), Endpoint("127.0.0.46", 50052))
 DEMO_DEAD = Endpoint("127.0.0.47", 50052)  # listed in the file, nothing runs there

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from corral.endpoint import Endpoint
-from corral.model import Backend, ProbeResult, SourceName, Status
 from corral.rpc.probe import Prober
 from corral.sources.base import Source, SourceReport
+from corral.types import Backend, ProbeResult, SourceName, Status
 
 LIVE = frozenset({Status.READY, Status.BUSY})
 

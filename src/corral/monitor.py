@@ -19,10 +19,10 @@ from dataclasses import dataclass, field, replace
 
 from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import Endpoint
-from corral.model import Backend, ProbeResult, SourceName, Status
-from corral.node.local import local_listener_state
+from corral.llama.processes import local_listener_state
 from corral.rpc.probe import BUSY_MEMORY_S, Prober
 from corral.store.base import BackendRecord, Event, EventKind, NodeRegistration, Store
+from corral.types import Backend, ProbeResult, SourceName, Status
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from corral.model import Backend, ProbeResult, Status
 from corral.store.base import BackendRecord
+from corral.types import Backend, ProbeResult, Status
 
 _STYLE = {
     Status.READY: "green",

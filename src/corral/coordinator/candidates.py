@@ -16,9 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from corral.endpoint import Endpoint
-from corral.model import ProbeResult, Status
 from corral.rpc.probe import Prober
 from corral.store.base import NodeRegistration, Store
+from corral.types import ProbeResult, Status
 
 BUSY_REPROBE_S = 30.0
 

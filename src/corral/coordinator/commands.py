@@ -48,9 +48,9 @@ from corral.coordinator.policy import OnChange
 from corral.coordinator.publish import Publisher
 from corral.coordinator.runner import CoordinatorError, Runner
 from corral.llama.binaries import BinariesNotFound, find_binaries
+from corral.llama.probing import installed_prober
 from corral.llama.server import DEFAULT_HOST, DEFAULT_PORT, ServerOptions
 from corral.paths import state_dir
-from corral.probing import installed_prober
 from corral.store.base import CoordinatorRecord, Store
 
 coordinator_app = typer.Typer(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import psutil
 
 from corral.endpoint import Endpoint
-from corral.node.local import local_listener_state
+from corral.llama.processes import local_listener_state
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ from typing import Protocol
 import psutil
 
 from corral.endpoint import Endpoint
+from corral.llama.processes import Coordinator, find_coordinators
 from corral.llama.server import describe_exit
-from corral.sources.process import Coordinator, find_coordinators
-from corral.supervisor import Child
+from corral.llama.supervisor import Child
 
 LOG_ROTATE_BYTES = 10 * 1024 * 1024
 

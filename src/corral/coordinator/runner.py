@@ -41,8 +41,8 @@ from corral.coordinator.process import AdoptedServer, OwnedServer, Supervised, f
 from corral.coordinator.publish import Publisher
 from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions, explain_log, server_argv, server_env
-from corral.model import Status
 from corral.store.base import EventKind
+from corral.types import Status
 
 log = logging.getLogger(__name__)
 

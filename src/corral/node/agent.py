@@ -21,9 +21,9 @@ from pathlib import Path
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.mdns import MdnsAnnouncer, encode_txt
-from corral.model import Device, Status
-from corral.node.local import LocalView, find_listener, inspect, listens
+from corral.llama.processes import LocalView, find_listener, inspect, listens
+from corral.llama.supervisor import Child, rpc_server_argv
+from corral.net.mdns import MdnsAnnouncer, encode_txt
 from corral.rpc.probe import Prober
 from corral.store.base import (
     DEFAULT_HEARTBEAT_S,
@@ -32,7 +32,7 @@ from corral.store.base import (
     NodeRegistration,
     Store,
 )
-from corral.supervisor import Child, rpc_server_argv
+from corral.types import Device, Status
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.net.neighbours import local_addresses
 from corral.node.agent import NodeAgent, NodeConfig, Publish
-from corral.node.local import node_id
+from corral.node.identity import node_id
 from corral.paths import state_dir
 from corral.rpc.probe import Prober
 from corral.store.base import NodeRegistration
@@ -106,7 +106,7 @@ async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
     store = await open_store(opts.redis_url, directory)
     publishers: list[Publish] = []
     if opts.register_url:
-        from corral.web.client import post_heartbeat
+        from corral.node.heartbeat import post_heartbeat
 
         async def http_publish(url: str, token: str | None, reg: NodeRegistration) -> None:
             await post_heartbeat(url, token, reg)

@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field, replace
 
 from corral.endpoint import Endpoint
-from corral.model import Device, ProbeResult, Status
 from corral.net.neighbours import host_is_up
 from corral.rpc import protocol as p
+from corral.types import Device, ProbeResult, Status
 
 # How long a "busy" sighting lets a later connect timeout still count as busy.
 BUSY_MEMORY_S = 300.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from corral.model import ProbeResult, Sighting, SourceName
+from corral.types import ProbeResult, Sighting, SourceName
 
 
 @dataclass(slots=True)

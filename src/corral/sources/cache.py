@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from corral.endpoint import Endpoint
-from corral.model import Sighting, SourceName
 from corral.sources.base import SourceReport
 from corral.store.base import Store
+from corral.types import Sighting, SourceName
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corral.endpoint import Endpoint, EndpointError, parse_endpoint
-from corral.model import Sighting, SourceName
 from corral.sources.base import SourceReport
+from corral.types import Sighting, SourceName
 
 FILE_NAME = "rpc_backends.conf"
 MAX_FILE_BYTES = 1_000_000

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from corral import mdns
 from corral.endpoint import EndpointError, parse_endpoint
-from corral.model import Device, ProbeResult, Sighting, SourceName, Status
+from corral.net import mdns
 from corral.sources.base import SourceReport
+from corral.types import Device, ProbeResult, Sighting, SourceName, Status
 
 _VERSION = re.compile(r"^[0-9]{1,5}\.[0-9]{1,5}\.[0-9]{1,5}$")
 

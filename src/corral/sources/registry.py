@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from corral.endpoint import EndpointError, parse_endpoint
-from corral.model import ProbeResult, Sighting, SourceName, Status
 from corral.sources.base import SourceReport
 from corral.store.base import Store
+from corral.types import ProbeResult, Sighting, SourceName, Status
 
 
 @dataclass

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from corral.endpoint import Endpoint
-from corral.model import Device, SourceName, Status
+from corral.types import Device, SourceName, Status
 
 DEFAULT_HEARTBEAT_S = 2.0
 MISSED_BEATS = 3  # a node is gone after three missed heartbeats

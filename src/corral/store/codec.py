@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from corral.endpoint import Endpoint, EndpointError, parse_endpoint
-from corral.model import Device, SourceName, Status
 from corral.store.base import (
     TOPICS,
     BackendRecord,
@@ -24,6 +23,7 @@ from corral.store.base import (
     EventKind,
     NodeRegistration,
 )
+from corral.types import Device, SourceName, Status
 
 MAX_VALUE_BYTES = 64 * 1024  # one stored value; a coordinator with 1000 backends fits
 MAX_TEXT = 4096  # messages, errors, reasons

@@ -4,8 +4,8 @@ Build with `create_app(store, rescan=..., coordinator=..., coordinator_url=..., 
 run with `await serve(app, host, port)`.
 """
 
+from corral.node.heartbeat import HeartbeatRefused, post_heartbeat
 from corral.web.app import create_app
-from corral.web.client import HeartbeatRefused, post_heartbeat
 from corral.web.control import CoordinatorControl, CoordinatorStatus, CoordinatorStatusLike, Rescan
 from corral.web.security import InsecureBindError, check_bind, is_loopback_host
 from corral.web.server import DEFAULT_HOST, DEFAULT_PORT, serve

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.model import Status
+from corral.types import Status
 from corral.web.control import COORDINATOR_STATES
 from corral.web.live import LiveView
 

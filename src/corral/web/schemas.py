@@ -1,6 +1,6 @@
 """The dashboard's JSON: pydantic models for the OpenAPI schema, and the conversions.
 
-`/api/rpc_backends` items are exactly `corral backends --json` objects (corral.model.Backend
+`/api/rpc_backends` items are exactly `corral backends --json` objects (corral.types.Backend
 .to_json, the one contract) plus `last_seen` and `in_use`. Registration JSON is shared by the
 server (`POST /api/nodes/heartbeat`) and the client (`post_heartbeat`).
 """
@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from corral.endpoint import EndpointError, parse_endpoint
-from corral.model import Backend, Device, ProbeResult, Status
 from corral.store import codec
 from corral.store.base import (
     DEFAULT_HEARTBEAT_S,
@@ -22,6 +21,7 @@ from corral.store.base import (
     Event,
     NodeRegistration,
 )
+from corral.types import Backend, Device, ProbeResult, Status
 from corral.web.control import COORDINATOR_STATES, CoordinatorStatusLike
 
 StatusName = Literal["ready", "busy", "offline", "incompatible", "not-rpc"]

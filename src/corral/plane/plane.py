@@ -4,7 +4,7 @@ in one event loop, over one store and one prober.
 Order of start: the dashboard binds first (a taken port fails before anything else starts), then
 the monitor, then — after the monitor's first discovery run, so its first start sees every
 backend — the coordinator. Everything stops on `stop`, and every child process is stopped
-before `run_plane` returns (they also die with this process: corral.supervisor).
+before `run_plane` returns (they also die with this process: corral.llama.supervisor).
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from corral.chain import ChainOptions, build_chain
-from corral.control_plane.parts import MonitorRescan, first_discovery
 from corral.coordinator.candidates import Candidates
-from corral.coordinator.control import RunnerControl
 from corral.coordinator.pidfile import AlreadyRunning, claim, log_path, pidfile_path, release
 from corral.coordinator.policy import PolicyConfig
 from corral.coordinator.publish import Publisher, Say
@@ -29,11 +26,14 @@ from corral.coordinator.runner import CoordinatorError, Runner, Timings
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions
-from corral.model import SourceName
 from corral.monitor import Monitor
+from corral.plane.control import RunnerControl
+from corral.plane.parts import MonitorRescan, first_discovery
 from corral.rpc.probe import Prober
+from corral.sources.chain import ChainOptions, build_chain
 from corral.store.base import Store
 from corral.store.factory import open_store
+from corral.types import SourceName
 from corral.web import check_bind, create_app, serve
 
 log = logging.getLogger(__name__)

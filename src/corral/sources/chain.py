@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from corral.endpoint import DEFAULT_RPC_PORT
-from corral.model import SourceName
 from corral.rpc.probe import Prober
 from corral.sources.base import Source
 from corral.sources.cache import CacheSource
@@ -16,6 +15,7 @@ from corral.sources.process import ProcessSource
 from corral.sources.registry import RegistrySource
 from corral.sources.scan import ScanSource
 from corral.store.base import Store
+from corral.types import SourceName
 
 DEFAULT_ORDER = (
     SourceName.PROCESS,

@@ -1,7 +1,7 @@
 """The control plane in one process: dashboard + monitor (+ coordinator), sharing one store and
 one prober. `corral dashboard`, `corral up` and `corral demo` run it."""
 
-from corral.control_plane.plane import (
+from corral.plane.plane import (
     CoordinatorPlan,
     Plane,
     PlaneConfig,

@@ -14,17 +14,7 @@ from typing import Annotated
 
 import typer
 
-from corral.chain import ChainError, ChainOptions, build_chain, parse_source_names
 from corral.console import fail, say, warn
-from corral.control_plane.plane import (
-    CoordinatorPlan,
-    Plane,
-    PlaneConfig,
-    PlaneError,
-    WatchPlan,
-    run_plane,
-    stop_on_signals,
-)
 from corral.coordinator.options import (
     BackendOpt,
     CtxSizeOpt,
@@ -44,9 +34,19 @@ from corral.coordinator.options import (
 from corral.coordinator.policy import OnChange
 from corral.endpoint import DEFAULT_RPC_PORT
 from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
+from corral.llama.probing import prober_for
 from corral.llama.server import DEFAULT_PORT as COORDINATOR_PORT
 from corral.paths import state_dir
-from corral.probing import prober_for
+from corral.plane.plane import (
+    CoordinatorPlan,
+    Plane,
+    PlaneConfig,
+    PlaneError,
+    WatchPlan,
+    run_plane,
+    stop_on_signals,
+)
+from corral.sources.chain import ChainError, ChainOptions, build_chain, parse_source_names
 from corral.sources.scan import ScanError, ScanSource
 from corral.web import DEFAULT_HOST, DEFAULT_PORT, InsecureBindError, check_bind
 
