@@ -20,7 +20,7 @@ from corral.store.base import (
     EventKind,
     NodeRegistration,
 )
-from corral.types import Device, SourceName, Status
+from corral.types import CoordinatorState, Device, SourceName, Status
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs
 
@@ -66,7 +66,15 @@ def node(**kw: Any) -> NodeRegistration:
 
 def coordinator() -> CoordinatorRecord:
     return CoordinatorRecord(
-        "serving", (EP, EP6), 4242, 8080, "/m/tiny.gguf", NOW - 5, 3, "backend lost", NOW
+        CoordinatorState.SERVING,
+        (EP, EP6),
+        4242,
+        8080,
+        "/m/tiny.gguf",
+        NOW - 5,
+        3,
+        "backend lost",
+        NOW,
     )
 
 

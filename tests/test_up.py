@@ -34,7 +34,7 @@ from corral.rpc.probe import Prober
 from corral.sources.chain import ChainOptions, build_chain
 from corral.store.base import CoordinatorRecord, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
-from corral.types import SourceName, Status
+from corral.types import CoordinatorState, SourceName, Status
 from tests.conftest import StartRpc, free_port
 from tests.coordinator_support import until
 
@@ -512,7 +512,7 @@ async def test_monitor_takes_what_is_held_from_the_runner_not_the_lagging_record
     the freed backends would answer "busy (not probed)": it would restart without them."""
     store = await EmbeddedStore.open(tmp_path / "state.db")
     try:
-        await store.set_coordinator(CoordinatorRecord("restarting", (A, B)))
+        await store.set_coordinator(CoordinatorRecord(CoordinatorState.RESTARTING, (A, B)))
         prober = Prober()
         holding = {B}
 

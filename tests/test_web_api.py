@@ -19,7 +19,7 @@ from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.store.base import BackendRecord, Event, EventKind, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
-from corral.types import Backend, Device, ProbeResult, Status
+from corral.types import Backend, CoordinatorState, Device, ProbeResult, Status
 from corral.web import (
     CoordinatorStatus,
     HeartbeatRefused,
@@ -646,5 +646,5 @@ async def test_a_rebound_name_cannot_read_or_act_on_a_loopback_dashboard(tmp_pat
 
 
 def test_coordinator_status_satisfies_the_protocol() -> None:
-    st = CoordinatorStatus("serving", backends=(Endpoint("127.0.0.1", 5),))
+    st = CoordinatorStatus(CoordinatorState.SERVING, backends=(Endpoint("127.0.0.1", 5),))
     assert st.state == "serving" and st.restarts == 0

@@ -30,7 +30,7 @@ from corral.llama.supervisor import Child
 from corral.rpc.probe import Prober
 from corral.store.base import BackendRecord, CoordinatorRecord, Event, EventKind
 from corral.store.sqlite import EmbeddedStore
-from corral.types import SourceName, Status
+from corral.types import CoordinatorState, SourceName, Status
 from corral.web import CoordinatorControl, CoordinatorStatus, Rescan, create_app, serve
 from tests.conftest import free_port
 
@@ -168,7 +168,7 @@ class LlamaController:
     last_reason: str | None = None
     child: Child | None = None
     started_at: float | None = None
-    state: str = "stopped"
+    state: CoordinatorState = CoordinatorState.STOPPED
 
     @property
     def base_url(self) -> str:
@@ -191,7 +191,7 @@ class LlamaController:
             "--port",
             str(self.port),
         ]
-        self.state = "starting"
+        self.state = CoordinatorState.STARTING
         self.child = Child(argv, self.log_dir / f"llama-server-{self.port}.log")
         await self.child.start()
         async with httpx.AsyncClient(trust_env=False) as client:
@@ -205,7 +205,7 @@ class LlamaController:
                 await asyncio.sleep(0.05)
             else:
                 raise AssertionError(f"llama-server never ready: {self.child.log_tail()}")
-        self.state = "serving"
+        self.state = CoordinatorState.SERVING
         self.started_at = time.time()
         await self.publish()
 
@@ -224,7 +224,7 @@ class LlamaController:
         )
 
     async def restart(self, reason: str) -> None:
-        self.state = "restarting"
+        self.state = CoordinatorState.RESTARTING
         self.last_reason = reason
         await self.publish()
         if self.child is not None:
@@ -248,7 +248,7 @@ class LlamaController:
     async def stop(self) -> None:
         if self.child is not None:
             await self.child.stop(grace=3)
-        self.state = "stopped"
+        self.state = CoordinatorState.STOPPED
 
 
 async def sse_events(client: httpx.AsyncClient, url: str) -> AsyncIterator[tuple[str, Any]]:

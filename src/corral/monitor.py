@@ -155,7 +155,7 @@ class Monitor:
         if self.held_now is not None:
             return set(self.held_now())
         coord = await self.store.coordinator()
-        if coord is None or coord.state in ("stopped", "failed"):
+        if coord is None or not coord.state.holds_backends:
             return set()
         return set(coord.backends)
 

@@ -17,6 +17,50 @@ class Status(StrEnum):
     NOT_RPC = "not-rpc"
 
 
+class CoordinatorState(StrEnum):
+    """What the coordinator is doing; written by its runner, read by every process that shows it.
+
+    One list, from the runner's own words to the page's: nothing is ever mapped to another state.
+    """
+
+    WAITING = "waiting"  # too few ready backends; no llama-server runs
+    STARTING = "starting"  # llama-server launched, loading the model
+    SERVING = "serving"
+    RESTARTING = "restarting"  # stopping one llama-server to start another
+    STOPPING = "stopping"  # the coordinator is shutting down
+    STOPPED = "stopped"
+    FAILED = "failed"  # llama-server would not start or keep running
+
+    @property
+    def holds_backends(self) -> bool:
+        """Does a llama-server of ours (alive, or being stopped) hold the record's backends?"""
+        return self in _HOLDING
+
+    @property
+    def tone(self) -> str:
+        """The one display mapping: ok, working, idle or down (the page's colour for it)."""
+        return _TONE[self]
+
+
+_HOLDING = frozenset(
+    {
+        CoordinatorState.STARTING,
+        CoordinatorState.SERVING,
+        CoordinatorState.RESTARTING,
+        CoordinatorState.STOPPING,
+    }
+)
+_TONE = {
+    CoordinatorState.WAITING: "working",
+    CoordinatorState.STARTING: "working",
+    CoordinatorState.SERVING: "ok",
+    CoordinatorState.RESTARTING: "working",
+    CoordinatorState.STOPPING: "working",
+    CoordinatorState.STOPPED: "idle",
+    CoordinatorState.FAILED: "down",
+}
+
+
 class SourceName(StrEnum):
     """Every source Corral knows, in the default priority order."""
 

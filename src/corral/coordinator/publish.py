@@ -11,6 +11,7 @@ from typing import Any
 
 from corral.endpoint import Endpoint
 from corral.store.base import CoordinatorRecord, Event, EventKind, Store
+from corral.types import CoordinatorState
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ class Publisher:
     record: CoordinatorRecord = field(init=False)
 
     def __post_init__(self) -> None:
-        self.record = CoordinatorRecord(state="starting", port=self.port)
+        self.record = CoordinatorRecord(state=CoordinatorState.STARTING, port=self.port)
 
     async def event(
         self, kind: EventKind, message: str, endpoint: Endpoint | None = None, **data: Any
@@ -38,7 +39,7 @@ class Publisher:
 
     async def state(
         self,
-        state: str,
+        state: CoordinatorState,
         *,
         backends: tuple[Endpoint, ...] | None = None,
         pid: int | None = None,

@@ -42,7 +42,7 @@ from corral.coordinator.publish import Publisher
 from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions, explain_log, server_argv, server_env
 from corral.store.base import EventKind
-from corral.types import Status
+from corral.types import CoordinatorState, Status
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class Runner:
             pid=server.pid,
             backends=[str(b) for b in server.backends],
         )
-        await self.publish.state("restarting", reason=f"llama-server {detail}")
+        await self.publish.state(CoordinatorState.RESTARTING, reason=f"llama-server {detail}")
         return Exit(frozenset(server.backends), server.started_at, detail)
 
     async def _report_statuses(self, found: Round) -> None:
@@ -278,7 +278,7 @@ class Runner:
     async def _wait(self, reason: str) -> None:
         if reason.split(":")[0] != (self._said_wait or "").split(":")[0]:
             self.publish.say(reason)
-            await self.publish.state("waiting", backends=(), reason=reason)
+            await self.publish.state(CoordinatorState.WAITING, backends=(), reason=reason)
         self._said_wait = reason
 
     async def _start(self, action: Action) -> None:
@@ -297,7 +297,9 @@ class Runner:
             str(model),
         )
         # Published before the start: the monitor must not probe what llama-server connects to.
-        await self.publish.state("starting", backends=action.backends, reason=action.reason)
+        await self.publish.state(
+            CoordinatorState.STARTING, backends=action.backends, reason=action.reason
+        )
         self.server = server  # before start(): a cancel from here on still stops it
         self.candidates.prober.held.update(server.backends)
         try:
@@ -340,7 +342,9 @@ class Runner:
             backends=[str(b) for b in server.backends],
             log=str(self.log_path),
         )
-        await self.publish.state("failed", backends=(), reason=f"llama-server {detail}")
+        await self.publish.state(
+            CoordinatorState.FAILED, backends=(), reason=f"llama-server {detail}"
+        )
 
     async def _serving(self, server: Supervised, action: Action) -> None:
         self._addresses = await asyncio.to_thread(resolve, server.backends)
@@ -362,7 +366,7 @@ class Runner:
             reason=action.reason,
         )
         await self.publish.state(
-            "serving",
+            CoordinatorState.SERVING,
             backends=action.backends,
             pid=server.pid,
             model=server.model,
@@ -383,7 +387,7 @@ class Runner:
         if server is None:
             return
         self.publish.say(f"restarting llama-server: {action.reason}")
-        await self.publish.state("restarting", pid=server.pid, reason=action.reason)
+        await self.publish.state(CoordinatorState.RESTARTING, pid=server.pid, reason=action.reason)
         if action.drain:
             await self._drain()
         grace = self.timings.stop_grace_s if action.drain else self.timings.failover_grace_s
@@ -462,10 +466,14 @@ class Runner:
         try:
             if server is not None:
                 self.publish.say(f"stopping llama-server pid {server.pid}")
-                await self.publish.state("stopping", pid=server.pid, reason="coordinator stopping")
+                await self.publish.state(
+                    CoordinatorState.STOPPING, pid=server.pid, reason="coordinator stopping"
+                )
                 await server.stop(self.timings.stop_grace_s)
                 self._forget(server)
-            await self.publish.state("stopped", backends=(), reason="coordinator stopped")
+            await self.publish.state(
+                CoordinatorState.STOPPED, backends=(), reason="coordinator stopped"
+            )
             await self.publish.event(EventKind.COORDINATOR_STOPPED, "coordinator stopped")
         finally:
             await self._http.aclose()

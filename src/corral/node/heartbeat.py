@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from corral.store.base import NodeRegistration
-from corral.web.schemas import registration_to_json
+from corral.store.codec import node_to_json
 
 HEARTBEAT_PATH = "/api/nodes/heartbeat"
 
@@ -34,7 +34,7 @@ async def post_heartbeat(
     """
     target = url.rstrip("/") + HEARTBEAT_PATH
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = registration_to_json(reg)
+    body = node_to_json(reg)
     if client is None:
         async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as own:
             response = await own.post(target, json=body, headers=headers)

@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 import httpx
 
 from corral.coordinator.runner import Runner
+from corral.types import CoordinatorState
 from corral.web.control import CoordinatorStatus
 
 log = logging.getLogger(__name__)
 
-# The Runner's states, in the dashboard's words (it knows starting/serving/restarting/
-# stopped/failed): waiting for backends is on the way to starting; stopping ends stopped.
-_STATES = {"waiting": "starting", "stopping": "stopped"}
 _TOKENS = "llamacpp:tokens_predicted_total"
 _SECONDS = "llamacpp:tokens_predicted_seconds_total"
 
@@ -77,9 +75,9 @@ class RunnerControl:
     def status(self) -> CoordinatorStatus:
         rec = self.runner.publish.record
         server = self.runner.server  # what it holds now; the record may still name the last set
-        serving = rec.state == "serving"
+        serving = rec.state is CoordinatorState.SERVING
         return CoordinatorStatus(
-            state=_STATES.get(rec.state, rec.state),
+            state=rec.state,
             pid=rec.pid,
             port=rec.port,
             model=rec.model,
@@ -101,7 +99,7 @@ class RunnerControl:
             trust_env=False,
         ) as client:
             while not stop.is_set():
-                if self.runner.publish.record.state == "serving":
+                if self.runner.publish.record.state is CoordinatorState.SERVING:
                     await self._sample(client)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.poll_s)

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from corral.endpoint import Endpoint
-from corral.types import Device, SourceName, Status
+from corral.types import CoordinatorState, Device, SourceName, Status
 
 DEFAULT_HEARTBEAT_S = 2.0
 MISSED_BEATS = 3  # a node is gone after three missed heartbeats
@@ -88,7 +88,7 @@ class BackendRecord:
 class CoordinatorRecord:
     """What the coordinator publishes: its state and the backend set in use."""
 
-    state: str  # starting, serving, restarting, stopped, failed
+    state: CoordinatorState
     backends: tuple[Endpoint, ...] = ()
     pid: int | None = None
     port: int | None = None

@@ -23,7 +23,7 @@ from corral.store.base import (
     EventKind,
     NodeRegistration,
 )
-from corral.types import Device, SourceName, Status
+from corral.types import CoordinatorState, Device, SourceName, Status
 
 MAX_VALUE_BYTES = 64 * 1024  # one stored value; a coordinator with 1000 backends fits
 MAX_TEXT = 4096  # messages, errors, reasons
@@ -33,7 +33,6 @@ MAX_LIST = 1024
 MAX_TS = 1e11  # seconds since the epoch; later than this is junk, not a clock
 MAX_BYTES = 2**63 - 1
 _NODE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-_STATE = re.compile(r"^[a-z][a-z_-]{0,31}$")
 
 T = TypeVar("T")
 
@@ -353,7 +352,7 @@ def node_from_json(obj: object, where: str) -> NodeRegistration:
 def coordinator_to_json(rec: CoordinatorRecord) -> dict[str, Any]:
     where = "coordinator"
     out = {
-        "state": rec.state,
+        "state": str(rec.state),
         "backends": [endpoint_key(ep, f"{where} backend") for ep in rec.backends],
         "pid": rec.pid,
         "port": rec.port,
@@ -369,9 +368,12 @@ def coordinator_to_json(rec: CoordinatorRecord) -> dict[str, Any]:
 
 def coordinator_from_json(obj: object, where: str) -> CoordinatorRecord:
     f = _Fields(obj, where)
-    state = f.text("state", 32)
-    if not _STATE.match(state):
-        raise f.fail("state", f"not a state name: {show(state)}")
+    text = f.text("state", 32)
+    try:
+        state = CoordinatorState(text)
+    except ValueError:
+        names = ", ".join(CoordinatorState)
+        raise f.fail("state", f"not a coordinator state ({names}): {show(text)}") from None
     backends = tuple(
         endpoint_from_json(item, f"{where}: field 'backends'[{i}]")
         for i, item in enumerate(f.items("backends"))

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from corral.endpoint import Endpoint
-
-CoordinatorState = Literal["starting", "serving", "restarting", "stopped", "failed"]
-COORDINATOR_STATES: tuple[str, ...] = ("starting", "serving", "restarting", "stopped", "failed")
+from corral.types import CoordinatorState
 
 # Triggers one discovery run of the monitor (sources → probe → store) and returns when it is done.
 Rescan = Callable[[], Awaitable[None]]
@@ -23,7 +21,7 @@ class CoordinatorStatusLike(Protocol):
     """A snapshot of the supervised llama-server, as the coordinator controller knows it."""
 
     @property
-    def state(self) -> str: ...  # one of COORDINATOR_STATES
+    def state(self) -> CoordinatorState: ...
     @property
     def pid(self) -> int | None: ...
     @property
@@ -53,7 +51,7 @@ class CoordinatorControl(Protocol):
 class CoordinatorStatus:
     """A ready-made CoordinatorStatusLike, for controllers that want one."""
 
-    state: str
+    state: CoordinatorState
     pid: int | None = None
     port: int | None = None
     model: str | None = None

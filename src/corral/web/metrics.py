@@ -15,8 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from corral.types import Status
-from corral.web.control import COORDINATOR_STATES
+from corral.types import CoordinatorState, Status
 from corral.web.live import LiveView
 
 
@@ -166,8 +165,8 @@ class CorralCollector(Collector):
             "1 for the coordinator's current state, 0 for the others",
             labels=["state"],
         )
-        for name in COORDINATOR_STATES:
-            state.add_metric([name], 1.0 if coordinator["state"] == name else 0.0)
+        for name in CoordinatorState:
+            state.add_metric([str(name)], 1.0 if coordinator["state"] == name else 0.0)
         yield state
         restarts = CounterMetricFamily(
             "corral_coordinator_restarts", "Restarts of the coordinator's llama-server"

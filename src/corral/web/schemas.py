@@ -21,11 +21,10 @@ from corral.store.base import (
     Event,
     NodeRegistration,
 )
-from corral.types import Backend, Device, ProbeResult, Status
-from corral.web.control import COORDINATOR_STATES, CoordinatorStatusLike
+from corral.types import Backend, CoordinatorState, Device, ProbeResult, Status
+from corral.web.control import CoordinatorStatusLike
 
 StatusName = Literal["ready", "busy", "offline", "incompatible", "not-rpc"]
-StateName = Literal["starting", "serving", "restarting", "stopped", "failed"]
 # Byte counts: 2**53 is exact as a JSON number everywhere (8 PiB is enough memory for anyone).
 MAX_BYTES = 2**53
 # The endpoint gate (corral.endpoint.parse_endpoint) is the rule; JSON Schema cannot state it
@@ -58,7 +57,8 @@ class BackendOut(BaseModel):
 
 
 class CoordinatorOut(BaseModel):
-    state: StateName
+    state: CoordinatorState
+    tone: str = Field(description="how the page colours the state: ok, working, idle, down")
     pid: int | None
     port: int | None
     model: str | None
@@ -100,7 +100,7 @@ class ScansOut(BaseModel):
 
 
 class CoordinatorFiguresOut(BaseModel):
-    state: StateName
+    state: CoordinatorState
     restarts: int
     tokens_per_second: float | None
     requests_total: int
@@ -260,16 +260,13 @@ def event_to_json(ev: Event) -> dict[str, Any]:
     }
 
 
-def _state(text: str) -> str:
-    return text if text in COORDINATOR_STATES else "failed"
-
-
 def coordinator_from_status(
     st: CoordinatorStatusLike, tps_fallback: float | None
 ) -> dict[str, Any]:
     tps = st.tokens_per_second if st.tokens_per_second is not None else tps_fallback
     return {
-        "state": _state(st.state),
+        "state": str(st.state),
+        "tone": st.state.tone,
         "pid": st.pid,
         "port": st.port,
         "model": st.model,
@@ -287,7 +284,8 @@ def coordinator_from_record(
 ) -> dict[str, Any]:
     if rec is None:
         return {
-            "state": "stopped",
+            "state": str(CoordinatorState.STOPPED),
+            "tone": CoordinatorState.STOPPED.tone,
             "pid": None,
             "port": None,
             "model": None,
@@ -299,10 +297,11 @@ def coordinator_from_record(
             "source": "none",
         }
     now = time.time() if now is None else now
-    running = rec.state in ("starting", "serving")
+    running = rec.state in (CoordinatorState.STARTING, CoordinatorState.SERVING)
     uptime = max(0.0, now - rec.started_at) if running and rec.started_at else None
     return {
-        "state": _state(rec.state),
+        "state": str(rec.state),
+        "tone": rec.state.tone,
         "pid": rec.pid,
         "port": rec.port,
         "model": rec.model,
@@ -316,6 +315,6 @@ def coordinator_from_record(
 
 
 def endpoints_in_use(coordinator: dict[str, Any]) -> set[str]:
-    if coordinator["state"] in ("stopped", "failed"):
+    if not CoordinatorState(coordinator["state"]).holds_backends:
         return set()
     return set(coordinator["backends"])
