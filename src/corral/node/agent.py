@@ -272,11 +272,10 @@ class NodeAgent:
     def _report_store(self) -> None:
         """Say what the store noticed (Redis gone, back, entries dropped): it only collects."""
         assert self.store is not None
-        for warning in self.store.warnings:
+        for warning in self.store.take_warnings():
             log.warning("store: %s", warning)
-        self.store.warnings.clear()
-        up = getattr(self.store, "redis_up", None)
-        if isinstance(up, bool) and up != self._store_up:
+        up = self.store.shared_reachable()
+        if up is not None and up != self._store_up:
             if up and self._store_up is not None:
                 log.info("store: redis reachable again; registration caught up")
             self._store_up = up

@@ -1,7 +1,7 @@
 """Source `cache`: the last known backends from the store — the last resort of the chain.
 
 For people moving from the older design, also the `rpc_backends` list in the Redis key
-`sollol:router:metadata` (when the store is Redis-backed and offers it).
+`sollol:router:metadata` (a Redis-backed store reads it; the embedded one has none).
 """
 
 from __future__ import annotations
@@ -25,12 +25,9 @@ class CacheSource:
         for record in await self.store.backends():
             seen.add(record.endpoint)
             report.sightings.append(Sighting(record.endpoint, self.name, "last known view"))
-        legacy = getattr(self.store, "legacy_backends", None)
-        if legacy is not None:
-            for ep in await legacy():
-                if ep not in seen:
-                    seen.add(ep)
-                    report.sightings.append(Sighting(ep, self.name, "sollol:router:metadata"))
-        report.warnings.extend(self.store.warnings)
-        self.store.warnings.clear()
+        for ep in await self.store.legacy_backends():
+            if ep not in seen:
+                seen.add(ep)
+                report.sightings.append(Sighting(ep, self.name, "sollol:router:metadata"))
+        report.warnings.extend(self.store.take_warnings())
         return report

@@ -23,8 +23,7 @@ class RegistrySource:
     async def collect(self) -> SourceReport:
         report = SourceReport(self.name)
         nodes = await self.store.live_nodes()
-        report.warnings.extend(self.store.warnings)
-        self.store.warnings.clear()
+        report.warnings.extend(self.store.take_warnings())
         for reg in nodes:
             report.sightings.append(
                 Sighting(reg.endpoint, self.name, f"node {reg.node_id} on {reg.hostname}")

@@ -119,8 +119,18 @@ class Subscription(Protocol):
 
 
 class Store(Protocol):
-    # Warnings about dropped or unreadable entries (what and where), for the caller to show.
-    warnings: list[str]
+    def take_warnings(self) -> list[str]:
+        """Warnings about dropped or unreadable entries, Redis gone or back (what and where),
+        not yet taken: each is delivered once, to the caller that takes it, to show."""
+        ...
+
+    def shared_reachable(self) -> bool | None:
+        """Is the shared store (Redis) reachable now? None when there is none."""
+        ...
+
+    async def legacy_backends(self) -> list[Endpoint]:
+        """The older design's `rpc_backends` list (Redis key sollol:router:metadata), if any."""
+        ...
 
     async def register_node(self, reg: NodeRegistration) -> None: ...
     async def unregister_node(self, node_id: str) -> None: ...

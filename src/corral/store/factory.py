@@ -1,4 +1,7 @@
-"""Open the store the configuration asks for: embedded alone, or embedded mirrored to Redis."""
+"""Open the store the configuration asks for: embedded alone, or embedded mirrored to Redis.
+
+The Redis client is imported only when a Redis URL is given.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from corral.store.base import Store
-from corral.store.redis import RedisStore
-from corral.store.resilient import DEFAULT_RETRY_S, ResilientStore
 from corral.store.sqlite import EmbeddedStore
 from corral.store.warn import redact_url
 
@@ -34,18 +35,22 @@ async def open_store(
     state_dir: Path,
     *,
     environ: Mapping[str, str] | None = None,
-    retry_s: float = DEFAULT_RETRY_S,
+    retry_s: float | None = None,
 ) -> Store:
+    """`retry_s`: how often a Redis that went away is tried again (None: the store's default)."""
     url = redis_url_from(redis_url, os.environ if environ is None else environ)
     if url is not None and urlsplit(url).scheme not in _SCHEMES:
         raise ValueError(f"redis URL {redact_url(url)!r}: expected redis://, rediss:// or unix://")
-    warnings: list[str] = []
-    embedded = await EmbeddedStore.open(state_dir / DB_NAME, warnings=warnings)
+    embedded = await EmbeddedStore.open(state_dir / DB_NAME)
     if url is None:
         return embedded
+    from corral.store.redis import RedisStore
+    from corral.store.resilient import DEFAULT_RETRY_S, ResilientStore
+
     try:
-        redis = RedisStore(url, warnings=warnings)
+        redis = RedisStore(url)
     except ValueError as exc:
         await embedded.close()
         raise ValueError(f"redis URL {redact_url(url)!r}: {exc}") from None
-    return await ResilientStore.open(embedded, redis, retry_s=retry_s)
+    retry = DEFAULT_RETRY_S if retry_s is None else retry_s
+    return await ResilientStore.open(embedded, redis, retry_s=retry)

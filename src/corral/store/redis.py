@@ -12,6 +12,7 @@ import contextlib
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline, PubSub
@@ -30,7 +31,7 @@ from corral.store.base import (
     Event,
     NodeRegistration,
 )
-from corral.store.warn import add_warning, redact_url
+from corral.store.warn import Warnings, redact_url
 
 PREFIX = "corral:"
 RETENTION_S = 30 * 86400  # the last known view outlives a month of silence, not forever
@@ -50,15 +51,16 @@ class RedisStore:
         timeout_s: float = 1.0,
         max_events: int = MAX_EVENTS,
         retention_s: int = RETENTION_S,
-        warnings: list[str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = redact_url(url)
         self.prefix = prefix
         self.max_events = max_events
         self.retention_s = retention_s
-        self.warnings: list[str] = [] if warnings is None else warnings
+        self._warnings = Warnings()
         self.origin = uuid.uuid4().hex  # lets a subscriber skip its own changes
-        self.opened_at = time.time()
+        self._clock = clock  # wall-clock time: TTLs, staleness; tests pass their own
+        self.opened_at = clock()
         self.channel = f"{prefix}changes"
         # No retries inside the client: a down server must show at once, not after backoff.
         self._client: Redis = Redis.from_url(
@@ -73,7 +75,18 @@ class RedisStore:
         return f"{self.prefix}{name}"
 
     def _warn(self, message: str) -> None:
-        add_warning(self.warnings, message)
+        self._warnings.add(message)
+
+    @property
+    def warnings(self) -> list[str]:
+        """The warnings not yet taken (a copy)."""
+        return self._warnings.peek()
+
+    def take_warnings(self) -> list[str]:
+        return self._warnings.take()
+
+    def shared_reachable(self) -> bool | None:
+        return None  # alone it does not track reachability; ResilientStore does
 
     def _where(self, key: str, field: str | None = None) -> str:
         inner = "" if field is None else f" field {codec.show(field)}"
@@ -97,7 +110,7 @@ class RedisStore:
     async def register_node(self, reg: NodeRegistration) -> None:
         body = codec.dumps(codec.node_to_json(reg), f"node {reg.node_id!r}")
         key = self._key(f"node:{reg.node_id}")
-        now = time.time()
+        now = self._clock()
         # A clock ahead of ours must not keep a registration alive longer than its TTL.
         ttl_ms = int((min(reg.last_heartbeat, now) + reg.ttl_s - now) * 1000)
         async with self._client.pipeline(transaction=True) as pipe:
@@ -145,7 +158,7 @@ class RedisStore:
     async def put_backends(self, records: list[BackendRecord]) -> None:
         if not records:
             return
-        now = time.time()
+        now = self._clock()
         bodies = {
             codec.endpoint_key(r.endpoint): codec.backend_to_json(r, written_at=now)
             for r in records

@@ -33,7 +33,7 @@ from corral.store.base import (
 from corral.store.hub import QueueSubscription
 from corral.store.redis import RedisStore, RedisSubscription
 from corral.store.sqlite import EmbeddedStore
-from corral.store.warn import add_warning
+from corral.store.warn import Warnings
 
 # What "Redis is not there" looks like; codec errors and bugs are not in this list.
 UNAVAILABLE = (RedisError, OSError, TimeoutError)
@@ -66,8 +66,7 @@ class ResilientStore:
         self._embedded = embedded
         self._redis = redis
         self._retry_s = retry_s
-        self.warnings = embedded.warnings
-        redis.warnings = embedded.warnings  # one list: callers drain a single place
+        self._warnings = Warnings()  # its own; the parts' are taken with it
         self._up = True
         self._lock = asyncio.Lock()  # writes and catch-up: nothing slips between them
         # What Redis has not seen yet: written while it was away.
@@ -96,6 +95,18 @@ class ResilientStore:
     def redis_up(self) -> bool:
         return self._up
 
+    def shared_reachable(self) -> bool | None:
+        return self._up
+
+    @property
+    def warnings(self) -> list[str]:
+        """The warnings not yet taken, its own and its parts' (a copy)."""
+        return self._warnings.peek() + self._embedded.warnings + self._redis.warnings
+
+    def take_warnings(self) -> list[str]:
+        taken = self._warnings.take() + self._embedded.take_warnings()
+        return list(dict.fromkeys(taken + self._redis.take_warnings()))
+
     # --- outage and catch-up -------------------------------------------------------------------
 
     async def _went_down(self, exc: BaseException) -> None:
@@ -106,7 +117,7 @@ class ResilientStore:
             f"redis {self._redis.url} unreachable ({exc or type(exc).__name__}); working from "
             f"the embedded store {self._embedded.path} until it is back"
         )
-        add_warning(self.warnings, message)
+        self._warnings.add(message)
         event = Event(EventKind.WARNING, message)
         await self._embedded.add_event(event)
         self._unsent_events.append(event)
@@ -121,7 +132,7 @@ class ResilientStore:
             except UNAVAILABLE as exc:
                 await self._went_down(exc)
             except Exception as exc:  # the monitor must outlive any one bad round
-                add_warning(self.warnings, f"store monitor: {exc!r}")
+                self._warnings.add(f"store monitor: {exc!r}")
 
     async def _catch_up(self, *, announce: bool) -> None:
         async with self._lock:
@@ -299,7 +310,7 @@ class ResilientStore:
                 if isinstance(exc, UNAVAILABLE):
                     await self._went_down(exc)
                 else:
-                    add_warning(self.warnings, f"redis subscription: {exc!r}; resubscribing")
+                    self._warnings.add(f"redis subscription: {exc!r}; resubscribing")
                 with contextlib.suppress(Exception):
                     await pumps.remote.aclose()
                 pumps.remote = None

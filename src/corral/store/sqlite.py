@@ -30,7 +30,7 @@ from corral.store.base import (
     NodeRegistration,
 )
 from corral.store.hub import Hub, QueueSubscription
-from corral.store.warn import add_warning
+from corral.store.warn import Warnings
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -76,12 +76,17 @@ def _tx(conn: sqlite3.Connection) -> Iterator[None]:
 
 class EmbeddedStore:
     def __init__(
-        self, path: Path, *, max_events: int = MAX_EVENTS, warnings: list[str] | None = None
+        self,
+        path: Path,
+        *,
+        max_events: int = MAX_EVENTS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
-        self.warnings: list[str] = [] if warnings is None else warnings
+        self._warnings = Warnings()
         self.max_events = max_events
-        self.opened_at = time.time()
+        self._clock = clock  # wall-clock time: TTLs, staleness; tests pass their own
+        self.opened_at = clock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="corral-sqlite")
         self._conn: sqlite3.Connection | None = None
         self._thread_warnings: deque[str] = deque()  # written by the worker, drained by the loop
@@ -90,11 +95,22 @@ class EmbeddedStore:
 
     @classmethod
     async def open(
-        cls, path: Path, *, max_events: int = MAX_EVENTS, warnings: list[str] | None = None
+        cls, path: Path, *, max_events: int = MAX_EVENTS, clock: Callable[[], float] = time.time
     ) -> EmbeddedStore:
-        store = cls(path, max_events=max_events, warnings=warnings)
+        store = cls(path, max_events=max_events, clock=clock)
         await store._call(lambda conn: None)
         return store
+
+    @property
+    def warnings(self) -> list[str]:
+        """The warnings not yet taken (a copy)."""
+        return self._warnings.peek()
+
+    def take_warnings(self) -> list[str]:
+        return self._warnings.take()
+
+    def shared_reachable(self) -> bool | None:
+        return None
 
     # --- the worker thread ------------------------------------------------------------------
 
@@ -105,7 +121,7 @@ class EmbeddedStore:
             return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, fn)
         finally:
             while self._thread_warnings:
-                add_warning(self.warnings, self._thread_warnings.popleft())
+                self._warnings.add(self._thread_warnings.popleft())
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         try:
@@ -188,7 +204,7 @@ class EmbeddedStore:
     async def register_node(self, reg: NodeRegistration) -> None:
         body = codec.dumps(codec.node_to_json(reg), f"node {reg.node_id!r}")
         # A clock ahead of ours must not keep a registration alive longer than its TTL.
-        expires_at = min(reg.last_heartbeat, time.time()) + reg.ttl_s
+        expires_at = min(reg.last_heartbeat, self._clock()) + reg.ttl_s
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -206,7 +222,7 @@ class EmbeddedStore:
 
     async def live_nodes(self) -> list[NodeRegistration]:
         def read(conn: sqlite3.Connection) -> list[NodeRegistration]:
-            now = time.time()
+            now = self._clock()
             with _tx(conn):
                 conn.execute("DELETE FROM nodes WHERE expires_at <= ?", (now,))
                 rows = conn.execute(
@@ -231,7 +247,7 @@ class EmbeddedStore:
     async def put_backends(self, records: list[BackendRecord]) -> None:
         if not records:
             return
-        now = time.time()
+        now = self._clock()
         bodies = {
             codec.endpoint_key(r.endpoint): codec.backend_to_json(r, written_at=now)
             for r in records

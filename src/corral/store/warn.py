@@ -7,15 +7,31 @@ from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger("corral.store")
 
-MAX_WARNINGS = 200  # callers drain the list; this only bounds a caller that never does
+MAX_WARNINGS = 200  # callers take them; this only bounds a caller that never does
 
 
-def add_warning(warnings: list[str], message: str) -> None:
-    log.debug("%s", message)
-    if message in warnings:
-        return
-    warnings.append(message)
-    del warnings[:-MAX_WARNINGS]
+class Warnings:
+    """What a store noticed (entries dropped, Redis gone) for its caller to show: each message
+    once, the newest `limit` kept, and delivered by `take()` to the one consumer that asks."""
+
+    def __init__(self, limit: int = MAX_WARNINGS) -> None:
+        self._items: list[str] = []
+        self._limit = limit
+
+    def add(self, message: str) -> None:
+        log.debug("%s", message)
+        if message in self._items:
+            return
+        self._items.append(message)
+        del self._items[: -self._limit]
+
+    def take(self) -> list[str]:
+        taken, self._items = self._items, []
+        return taken
+
+    def peek(self) -> list[str]:
+        """A copy, for diagnostics and tests; nothing is delivered."""
+        return list(self._items)
 
 
 def redact_url(url: str) -> str:
