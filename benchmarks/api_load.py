@@ -46,7 +46,8 @@ from corral.endpoint import Endpoint
 from corral.store.base import BackendRecord, Store
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Device, SourceName, Status
-from corral.web import create_app, serve
+from corral.web.app import create_app
+from corral.web.server import serve
 
 PATH = "/api/rpc_backends"
 TARGET_P99_MS = 10.0
@@ -426,17 +427,20 @@ def file_monitor(recheck_s: float, workdir: Path) -> StartMonitor:
     async def start(store: Store, endpoints: list[Endpoint]) -> Callable[[], Awaitable[None]]:
         from corral.discovery import Discovery
         from corral.monitor import Monitor
+        from corral.rpc.held import HeldBackends
         from corral.rpc.probe import Prober
         from corral.sources.file import FileSource
 
         conf = workdir / f"rpc_backends-{time.monotonic_ns()}.conf"
         await asyncio.to_thread(conf.write_text, "".join(f"{ep}\n" for ep in endpoints))
-        prober = Prober(timeout=1.0)
+        held = HeldBackends()
+        prober = Prober(timeout=1.0, held=held)
         monitor = Monitor(
             store,
             prober,
             lambda: Discovery([FileSource(str(conf))], prober),
             recheck_s=recheck_s,
+            held=held,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(monitor.run(stop))

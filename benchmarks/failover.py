@@ -38,6 +38,7 @@ from corral.llama.server import ServerOptions
 from corral.llama.split import parse_tensor_split
 from corral.llama.supervisor import Child, rpc_server_argv
 from corral.llama.tiny_model import write_tiny_model
+from corral.rpc.held import HeldBackends
 from corral.rpc.probe import Prober
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Status
@@ -103,15 +104,17 @@ class Bench:
         for ep in self.eps:
             await self.start_backend(ep)
         self.store = store = await EmbeddedStore.open(self.workdir / "state.db")
+        held = HeldBackends()
         runner = Runner(
             opts=ServerOptions(port=self.port, parallel=1, tensor_split=parse_tensor_split("1,1")),
             model=self.model,
             llama_server=self.bins.llama_server,
-            candidates=Candidates(self.eps, store, Prober(timeout=1.0)),
+            candidates=Candidates(self.eps, store, Prober(timeout=1.0, held=held)),
             publish=Publisher(store, self.port, lambda m: None, lambda m: None),
             log_path=self.workdir / "llama-server.log",
             policy=PolicyConfig(debounce_s=self.debounce),
             timings=Timings(),
+            held=held,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(runner.run(stop))

@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from corral.discovery import Discovery, DiscoveryResult
 from corral.endpoint import Endpoint
 from corral.llama.processes import local_listener_state
+from corral.rpc.held import HeldBackends
 from corral.rpc.probe import BUSY_MEMORY_S, Prober
 from corral.store.base import BackendRecord, Event, EventKind, NodeRegistration, Store
 from corral.types import Backend, ProbeResult, SourceName, Status
@@ -88,10 +89,12 @@ class Monitor:
     make_discovery: Callable[[], Discovery]
     recheck_s: float = 2.0
     discover_s: float = 60.0
-    # What the coordinator holds, from an in-process coordinator. Without one the store's
-    # CoordinatorRecord says; it lags a restart (still naming the old set), which in one process
-    # would make the coordinator's own probes of freed backends read "held".
-    held_now: Callable[[], Collection[Endpoint]] | None = None
+    # What the coordinator holds: the same object its prober reads. Without a coordinator in
+    # this process the monitor owns it and keeps it from the store's CoordinatorRecord. With one,
+    # the runner owns it (the record lags a restart, still naming the old set, which would make
+    # the runner's own probes of freed backends read "held") and the monitor only reads it.
+    held: HeldBackends = field(kw_only=True)
+    runner_owns_held: bool = field(default=False, kw_only=True)
     # With the registry among the sources: a node that registers (or comes back) brings the
     # next discovery forward to the next recheck, instead of waiting up to `discover_s`.
     watch_nodes: bool = False
@@ -100,6 +103,19 @@ class Monitor:
     _view: dict[Endpoint, BackendRecord] = field(default_factory=dict)
     _rescan: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _scanned: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    def __post_init__(self) -> None:
+        if self.prober.held is not self.held:
+            raise ValueError("the monitor's prober must read the held set the monitor is given")
+
+    async def wait_scan(self, after: int = 0) -> int:
+        """Wait until more than `after` discovery runs are complete, their results in the store;
+        return the count. `after=monitor.stats.scans` taken before a request waits for the run
+        that answers it."""
+        async with self._scanned:
+            await self._scanned.wait_for(lambda: self.stats.scans > after)
+            return self.stats.scans
 
     def request_rescan(self) -> None:
         self._rescan.set()
@@ -152,17 +168,14 @@ class Monitor:
             await asyncio.sleep(max(0.0, self.recheck_s - (time.monotonic() - started)))
 
     async def _held(self) -> set[Endpoint]:
-        if self.held_now is not None:
-            return set(self.held_now())
-        coord = await self.store.coordinator()
-        if coord is None or not coord.state.holds_backends:
-            return set()
-        return set(coord.backends)
+        if not self.runner_owns_held:
+            coord = await self.store.coordinator()
+            holds = coord is not None and coord.state.holds_backends
+            self.held.replace(coord.backends if coord is not None and holds else ())
+        return set(self.held)
 
     async def discover_once(self) -> DiscoveryResult:
         held = await self._held()
-        self.prober.held.clear()
-        self.prober.held.update(held)
         result = await self.make_discovery().run()
         for w in result.warnings:
             log.info("%s", w)  # the caller shows these; logged for long runs
@@ -178,8 +191,10 @@ class Monitor:
                         Event(EventKind.BACKEND_GONE, f"{ep} disappeared: no source sees it", ep)
                     )
         # Counted once its results are in the store: a rescan waiting on this sees them.
-        self.stats.scans += 1
-        self.stats.last_scan_s = time.time()
+        async with self._scanned:
+            self.stats.scans += 1
+            self.stats.last_scan_s = time.time()
+            self._scanned.notify_all()
         return result
 
     async def record(self, backends: list[Backend]) -> None:
@@ -193,8 +208,6 @@ class Monitor:
         nodes = await self._live_nodes() if self.watch_nodes or held else None
         if self.watch_nodes and nodes is not None:
             self._notice_new_nodes(nodes)
-        self.prober.held.clear()
-        self.prober.held.update(held)
         endpoints = list(self._view)
         results = await asyncio.gather(*(self._observe(ep, held, nodes) for ep in endpoints))
         self.stats.rechecks += 1

@@ -63,9 +63,16 @@ def judge(
 
 
 def read_links(pid: int) -> list[Link] | None:
-    """llama-server's TCP connections; None when it cannot be read. Blocking: use a thread."""
+    """llama-server's TCP connections; None when it cannot be read. Blocking: use a thread.
+
+    A process that died but is not reaped yet (a zombie) has no sockets: that is "cannot tell",
+    never "no connections", which would read as every held backend lost (a failover instead of
+    the crash it is)."""
     try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        conns = proc.net_connections(kind="tcp")
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return None
     return [Link(c.raddr.ip, c.raddr.port, c.status) for c in conns if c.raddr]

@@ -9,8 +9,9 @@ then hands that to policy.decide and carries out the answer: start (wait for /he
 stop (drain first when planned), or wait. A restart someone asks for (`request_restart`) is one
 more input to the policy, taken at the next look.
 
-What it holds is also kept in its prober's `held` set, at the moment it starts or stops holding
-it: a prober shared with a monitor must never connect to a backend llama-server is taking.
+What it holds it writes, as the one owner, into `held` (rpc/held.py) at the moment it starts or
+stops holding it: a prober shared with a monitor must never connect to a backend llama-server
+is taking.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from corral.coordinator.process import AdoptedServer, OwnedServer, Supervised, f
 from corral.coordinator.publish import Publisher
 from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions, explain_log, server_argv, server_env
+from corral.rpc.held import HeldBackends
 from corral.store.base import EventKind
 from corral.types import CoordinatorState, Status
 
@@ -74,6 +76,8 @@ class Runner:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     timings: Timings = field(default_factory=Timings)
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    # The writer of what llama-server holds; the candidates' prober reads the same object.
+    held: HeldBackends = field(kw_only=True)
 
     server: Supervised | None = field(default=None, init=False)
     memory: Memory = field(default_factory=Memory, init=False)
@@ -99,11 +103,8 @@ class Runner:
 
     def __post_init__(self) -> None:
         self._http = ServerHttp(self.opts.base_url)
-
-    @property
-    def held(self) -> frozenset[Endpoint]:
-        """The backends the llama-server started (or being started) holds right now."""
-        return frozenset(self.server.backends) if self.server else frozenset()
+        if self.candidates.prober.held is not self.held:
+            raise ValueError("the runner must own the held set its candidates' prober reads")
 
     def request_restart(self, reason: str) -> asyncio.Future[bool]:
         """Ask for a planned restart. The future is True once llama-server serves again after
@@ -301,12 +302,12 @@ class Runner:
             CoordinatorState.STARTING, backends=action.backends, reason=action.reason
         )
         self.server = server  # before start(): a cancel from here on still stops it
-        self.candidates.prober.held.update(server.backends)
+        self.held.hold(server.backends)
         try:
             await server.start()
         except OSError as exc:
             self.server = None
-            self.candidates.prober.held.difference_update(server.backends)
+            self.held.release(server.backends)
             raise CoordinatorError(f"cannot start {self.llama_server}: {exc}") from None
         failed = await self._wait_ready(server)
         if failed is not None:
@@ -412,7 +413,7 @@ class Runner:
         """It no longer runs: nothing is held, and the next look must come at once."""
         if self.server is server:
             self.server = None
-        self.candidates.prober.held.difference_update(server.backends)
+        self.held.release(server.backends)
         self.candidates.release(server.backends)
         self._round_at = float("-inf")
 
@@ -452,7 +453,7 @@ class Runner:
             )
         await self._check_model()
         self.server = found
-        self.candidates.prober.held.update(found.backends)
+        self.held.hold(found.backends)
         self.memory = Memory(last_set=frozenset(found.backends))
         await self._serving(
             found,

@@ -29,12 +29,15 @@ from corral.llama.server import ServerOptions
 from corral.monitor import Monitor
 from corral.plane.control import RunnerControl
 from corral.plane.parts import MonitorRescan, first_discovery
+from corral.rpc.held import HeldBackends
 from corral.rpc.probe import Prober
 from corral.sources.chain import ChainOptions, build_chain
 from corral.store.base import Store
 from corral.store.factory import open_store
 from corral.types import SourceName
-from corral.web import check_bind, create_app, serve
+from corral.web.app import create_app
+from corral.web.security import check_bind
+from corral.web.server import serve
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +110,13 @@ def _url(host: str, port: int) -> str:
 
 
 def _runner(
-    cfg: PlaneConfig, plan: CoordinatorPlan, store: Store, prober: Prober, say: Say, warn: Say
+    cfg: PlaneConfig,
+    plan: CoordinatorPlan,
+    store: Store,
+    prober: Prober,
+    held: HeldBackends,
+    say: Say,
+    warn: Say,
 ) -> Runner:
     port = plan.server.port
     return Runner(
@@ -119,10 +128,13 @@ def _runner(
         log_path=log_path(cfg.state, port),
         policy=plan.policy,
         timings=plan.timings,
+        held=held,
     )
 
 
-def _monitor(cfg: PlaneConfig, store: Store, prober: Prober, runner: Runner | None) -> Monitor:
+def _monitor(
+    cfg: PlaneConfig, store: Store, prober: Prober, held: HeldBackends, runner: Runner | None
+) -> Monitor:
     chain = replace(cfg.watch.chain, store=store)
     names = cfg.watch.sources
 
@@ -136,7 +148,8 @@ def _monitor(cfg: PlaneConfig, store: Store, prober: Prober, runner: Runner | No
         cfg.watch.recheck_s,
         cfg.watch.discover_s,
         # Without a coordinator here, what one elsewhere holds comes from the store.
-        held_now=None if runner is None else lambda: runner.held,
+        held=held,
+        runner_owns_held=runner is not None,
         watch_nodes=SourceName.REGISTRY in names,
     )
 
@@ -182,8 +195,10 @@ async def _run(
     on_ready: Callable[[Plane], None] | None,
 ) -> None:
     plan = cfg.coordinator
-    runner = _runner(cfg, plan, store, prober, say, warn) if plan else None
-    monitor = _monitor(cfg, store, prober, runner)
+    held = HeldBackends()  # one owner: the runner when there is one, else the monitor
+    prober = prober.reading(held)
+    runner = _runner(cfg, plan, store, prober, held, say, warn) if plan else None
+    monitor = _monitor(cfg, store, prober, held, runner)
     control = None
     if runner is not None:
         t = runner.timings

@@ -25,6 +25,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
 from corral.endpoint import Endpoint
@@ -106,8 +107,8 @@ class Prober:
     # on having seen the endpoint busy before.
     host_up_means_busy: bool = True
     # Endpoints a coordinator holds: never connect to them (they serve one client, and queued
-    # connections only delay that client). Shared with whoever knows the coordinator's set.
-    held: set[Endpoint] = field(default_factory=set)
+    # connections only delay that client). A read-only view; its owner writes it (rpc/held.py).
+    held: AbstractSet[Endpoint] = field(default_factory=frozenset)
     # Endpoint -> monotonic time it was last seen busy. Per prober, not global.
     _busy_seen: dict[Endpoint, float] = field(default_factory=dict)
     # At most one probe of an endpoint at a time: a second caller joins the first.
@@ -122,6 +123,11 @@ class Prober:
         other._busy_seen = self._busy_seen
         other._inflight = self._inflight
         return other
+
+    def reading(self, held: AbstractSet[Endpoint]) -> Prober:
+        """This prober (same timings and memory) told what is held through `held`, a view whose
+        owner (the runner, or a monitor keeping it from the store) writes it."""
+        return replace(self, held=held)
 
     async def probe(self, endpoint: Endpoint) -> ProbeResult:
         if endpoint in self.held:
