@@ -21,7 +21,7 @@ from corral.store.base import (
     Event,
     NodeRegistration,
 )
-from corral.types import Backend, CoordinatorState, Device, ProbeResult, Status
+from corral.types import CoordinatorState, Device, Status, contract_json
 from corral.web.control import CoordinatorStatusLike
 
 StatusName = Literal["ready", "busy", "offline", "incompatible", "not-rpc"]
@@ -241,10 +241,9 @@ def registration_to_json(reg: NodeRegistration) -> dict[str, Any]:
 
 
 def backend_to_json(rec: BackendRecord, in_use: bool) -> dict[str, Any]:
-    probe = ProbeResult(
-        rec.endpoint, rec.status, rec.version, rec.devices, rec.latency_ms, rec.error
+    out = contract_json(
+        rec.endpoint, rec.status, rec.version, rec.devices, rec.latency_ms, rec.sources, rec.error
     )
-    out = Backend(rec.endpoint, list(rec.sources), probe).to_json()
     out["last_seen"] = rec.last_seen
     out["in_use"] = in_use
     return out

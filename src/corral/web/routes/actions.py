@@ -1,0 +1,135 @@
+"""The token-guarded POSTs (rescan, coordinator restart, node heartbeat) and the jobs they start.
+
+GuardMiddleware checks the token and the body before any of these run; the refusals it sends
+are documented here, on each action, along with `HTTPBearer` for the schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPBearer
+
+from corral.web.live import dumps
+from corral.web.routes.context import JSON, AppContext, Ctx
+from corral.web.schemas import AcceptedOut, ErrorOut, HeartbeatIn, HeartbeatOut, RestartIn
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(HTTPBearer(auto_error=False, description="CORRAL_TOKEN"))])
+
+
+def _responses(conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
+    """The guard's refusals, and a 409 saying `conflict` when there is one."""
+    out: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorOut, "description": "Body is not UTF-8 JSON"},
+        401: {"model": ErrorOut, "description": "Missing or wrong token"},
+        413: {"model": ErrorOut, "description": "Body too large"},
+        415: {"model": ErrorOut, "description": "Body is not JSON"},
+        421: {"model": ErrorOut, "description": "Came in on loopback for another host's name"},
+    }
+    if conflict is not None:
+        out[409] = {"model": ErrorOut, "description": conflict}
+    return out
+
+
+@router.post(
+    "/api/rescan",
+    status_code=202,
+    response_model=AcceptedOut,
+    tags=["backends"],
+    responses=_responses("No monitor attached"),
+)
+async def rescan_now(ctx: Ctx) -> Response:
+    if ctx.rescan is None:
+        return _error(409, "this dashboard has no discovery to run (no monitor attached)")
+    figures = ctx.figures
+    if figures.scan_running:
+        return _accepted("a discovery run is already running")
+    figures.scans_requested += 1
+    figures.scan_running = True
+    ctx.jobs.spawn(_run_rescan(ctx))
+    return _accepted("discovery run started; results show up as the store changes")
+
+
+@router.post(
+    "/api/coordinator/restart",
+    status_code=202,
+    response_model=AcceptedOut,
+    tags=["coordinator"],
+    responses=_responses("No coordinator here"),
+)
+async def restart_coordinator(
+    ctx: Ctx,
+    body: Annotated[RestartIn | None, Body()] = None,
+) -> Response:
+    if ctx.control is None:
+        return _error(409, "this dashboard does not run a coordinator")
+    if ctx.jobs.restarting:
+        return _accepted("a restart is already in progress")
+    reason = body.reason if body is not None else RestartIn().reason
+    ctx.jobs.restarting = True
+    ctx.jobs.spawn(_run_restart(ctx, reason))
+    return _accepted(f"restarting: {reason}")
+
+
+@router.post(
+    "/api/nodes/heartbeat",
+    response_model=HeartbeatOut,
+    tags=["nodes"],
+    responses=_responses(),
+)
+async def heartbeat(ctx: Ctx, body: HeartbeatIn) -> Response:
+    reg = body.to_registration(received_at=time.time())
+    await ctx.store.register_node(reg)
+    ctx.live.poke()
+    out = {"node_id": reg.node_id, "endpoint": str(reg.endpoint), "ttl_s": reg.ttl_s}
+    return Response(dumps(out), media_type=JSON)
+
+
+def _error(status: int, detail: str) -> Response:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def _accepted(detail: str) -> Response:
+    return Response(dumps({"accepted": True, "detail": detail}), status_code=202, media_type=JSON)
+
+
+async def _run_rescan(ctx: AppContext) -> None:
+    fig = ctx.figures
+    started = time.monotonic()
+    fig.last_scan_started = time.time()
+    assert ctx.rescan is not None
+    try:
+        await ctx.rescan()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        fig.scans_failed += 1
+        fig.last_scan_error = f"{type(exc).__name__}: {exc}"
+        log.warning("dashboard: rescan failed: %s", fig.last_scan_error)
+    else:
+        fig.scans_completed += 1
+        fig.last_scan_error = None
+    finally:
+        fig.scan_running = False
+        fig.last_scan_duration_s = round(time.monotonic() - started, 3)
+        ctx.live.poke()
+
+
+async def _run_restart(ctx: AppContext, reason: str) -> None:
+    assert ctx.control is not None
+    try:
+        await ctx.control.restart(reason)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("dashboard: coordinator restart failed: %s: %s", type(exc).__name__, exc)
+    finally:
+        ctx.jobs.restarting = False
+        ctx.live.poke()
