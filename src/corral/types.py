@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -112,16 +113,33 @@ class Backend:
     def to_json(self) -> dict[str, Any]:
         """The `--json` contract: exactly these keys, these types."""
         p = self.probe
-        return {
-            "host": self.endpoint.host,
-            "port": self.endpoint.port,
-            "status": str(p.status) if p else str(Status.OFFLINE),
-            "version": p.version if p else None,
-            "devices": [d.to_json() for d in p.devices] if p else [],
-            "latency_ms": round(p.latency_ms, 3) if p and p.latency_ms is not None else None,
-            "sources": [str(s) for s in self.sources],
-            "error": (p.error if p else "not probed"),
-        }
+        if p is None:
+            return contract_json(self.endpoint, Status.OFFLINE, sources=self.sources)
+        return contract_json(
+            p.endpoint, p.status, p.version, p.devices, p.latency_ms, self.sources, p.error
+        )
+
+
+def contract_json(
+    endpoint: Endpoint,
+    status: Status,
+    version: str | None = None,
+    devices: Sequence[Device] = (),
+    latency_ms: float | None = None,
+    sources: Sequence[SourceName] = (),
+    error: str | None = "not probed",
+) -> dict[str, Any]:
+    """One backend in the `--json` contract (and the API's items): exactly these keys."""
+    return {
+        "host": endpoint.host,
+        "port": endpoint.port,
+        "status": str(status),
+        "version": version,
+        "devices": [d.to_json() for d in devices],
+        "latency_ms": round(latency_ms, 3) if latency_ms is not None else None,
+        "sources": [str(s) for s in sources],
+        "error": error,
+    }
 
 
 def result_to_json(result: ProbeResult, sources: list[SourceName]) -> dict[str, Any]:

@@ -4,23 +4,30 @@ Like the registry, a node's announcement says what the network cannot see: a bac
 reports as held by a client is handed on as `busy` with that client, not probed (a held backend
 answers nobody else, and every probe left waiting fills its accept queue). What the TXT says is
 untrusted: the client must pass the endpoint gate, or the backend is simply probed.
+
+zeroconf (corral.net.mdns) is imported when the source runs, not when the chain is built.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from corral.endpoint import EndpointError, parse_endpoint
-from corral.net import mdns
 from corral.sources.base import SourceReport
 from corral.types import Device, ProbeResult, Sighting, SourceName, Status
+
+if TYPE_CHECKING:
+    from corral.net.mdns import MdnsService
 
 _VERSION = re.compile(r"^[0-9]{1,5}\.[0-9]{1,5}\.[0-9]{1,5}$")
 
 
-def held_result(svc: mdns.MdnsService) -> tuple[ProbeResult | None, str | None]:
+def held_result(svc: MdnsService) -> tuple[ProbeResult | None, str | None]:
     """Pure: the probe result a `busy` announcement stands for, or a warning why not."""
+    from corral.net.mdns import txt_devices
+
     if svc.txt.get("status") != str(Status.BUSY):
         return None, None
     where = f"mdns service {svc.name!r}: TXT 'client'"
@@ -29,7 +36,7 @@ def held_result(svc: mdns.MdnsService) -> tuple[ProbeResult | None, str | None]:
     except EndpointError as exc:
         return None, f"{exc}; probing instead"
     devices = tuple(
-        Device(d["index"], d["free_bytes"], d["total_bytes"]) for d in mdns.txt_devices(svc.txt)
+        Device(d["index"], d["free_bytes"], d["total_bytes"]) for d in txt_devices(svc.txt)
     )
     return (
         ProbeResult(
@@ -50,6 +57,8 @@ class MdnsSource:
     name: SourceName = field(default=SourceName.MDNS, init=False)
 
     async def collect(self) -> SourceReport:
+        from corral.net import mdns
+
         report = SourceReport(self.name)
         try:
             services, warnings = await mdns.browse(self.seconds, self.interfaces)

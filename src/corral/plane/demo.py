@@ -4,6 +4,8 @@ Two local backends (supervised ggml-rpc-servers), the discovery chain finding th
 control plane in this process (dashboard, monitor, coordinator over both backends with the tiny
 model), a first chat completion through the dashboard's /v1, and the page's address. It runs
 until Ctrl-C (or, with `once`, ends after the first answer).
+
+It tells a person what happens through a DemoOutput (`corral demo` passes rich-backed callables).
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.console import Console
-from rich.markup import escape
 
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
@@ -29,7 +30,6 @@ from corral.llama.probing import prober_for
 from corral.llama.server import ServerOptions
 from corral.llama.split import parse_tensor_split
 from corral.llama.supervisor import Child, rpc_server_argv
-from corral.output import print_backends
 from corral.paths import state_dir
 from corral.plane.plane import (
     CoordinatorPlan,
@@ -42,7 +42,7 @@ from corral.plane.plane import (
 )
 from corral.rpc.probe import Prober
 from corral.sources.chain import ChainOptions, build_chain
-from corral.types import SourceName, Status
+from corral.types import Backend, SourceName, Status
 
 DEMO_BACKENDS = (Endpoint("127.0.0.45", 50052), Endpoint("127.0.0.46", 50052))
 DEMO_DEAD = Endpoint("127.0.0.47", 50052)  # listed in the file, nothing runs there
@@ -54,6 +54,18 @@ SERVE_TIMEOUT_S = 60.0
 class DemoPorts:
     dashboard: int = 8080
     coordinator: int = 18080
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOutput:
+    """How the demo tells a person what happens: every text is plain (never markup)."""
+
+    say: Callable[[str], None]  # one line
+    stress: Callable[[str, str], None]  # one line: a lead, then the part to stand out
+    error: Callable[[str], None]
+    backends: Callable[[Sequence[Backend], str], None]  # a table of backends, with its title
+    log: Callable[[str], None]  # the control plane's progress lines
+    warn: Callable[[str], None]  # the control plane's warnings
 
 
 def _taken(host: str, port: int) -> bool:
@@ -90,7 +102,7 @@ async def _wait_ready(prober: Prober, ep: Endpoint, child: Child, seconds: float
     return False
 
 
-async def _start_backends(binaries: LlamaBinaries, console: Console, logs: Path) -> list[Child]:
+async def _start_backends(binaries: LlamaBinaries, out: DemoOutput, logs: Path) -> list[Child]:
     children: list[Child] = []
     prober = Prober(timeout=1.0)
     for ep in DEMO_BACKENDS:
@@ -101,11 +113,11 @@ async def _start_backends(binaries: LlamaBinaries, console: Console, logs: Path)
         await child.start()
         if not await _wait_ready(prober, ep, child, 10):
             raise PlaneError(f"backend {ep} did not come up; its log:\n{child.log_tail()}")
-        console.print(f"started ggml-rpc-server pid {child.pid} on {ep}")
+        out.say(f"started ggml-rpc-server pid {child.pid} on {ep}")
     return children
 
 
-async def _show_discovery(console: Console, conf: Path) -> None:
+async def _show_discovery(out: DemoOutput, conf: Path) -> None:
     """The chain as `corral backends` shows it: a file with one live and one dead entry, and a
     scan that finds the second backend too."""
     await asyncio.to_thread(
@@ -114,15 +126,16 @@ async def _show_discovery(console: Console, conf: Path) -> None:
         f"{DEMO_BACKENDS[0]}\n"
         f"{DEMO_DEAD}   # listed, but nothing runs here\n",
     )
-    console.print(
+    out.say(
         f"backends file lists {DEMO_BACKENDS[0]} and {DEMO_DEAD}; "
-        f"scanning {DEMO_CIDR} on port 50052\n"
+        f"scanning {DEMO_CIDR} on port 50052"
     )
+    out.say("")
     prober = Prober(timeout=1.0)
     options = ChainOptions(backends_file=str(conf), cidrs=[DEMO_CIDR])
     chain = build_chain([SourceName.FILE, SourceName.SCAN], options, prober)
     result = await Discovery(chain, prober).run()
-    print_backends(console, result.backends, "corral backends")
+    out.backends(result.backends, "corral backends")
     found = {b.endpoint for b in result.backends if b.probe and b.probe.status is Status.READY}
     if not set(DEMO_BACKENDS) <= found:
         raise PlaneError("the demo backends were not all found ready")
@@ -171,7 +184,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else "·" for c in text)
 
 
-async def _first_answer(console: Console, dashboard: str, token: str) -> None:
+async def _first_answer(out: DemoOutput, dashboard: str, token: str) -> None:
     url = f"{dashboard}/v1/chat/completions"
     # ignore_eos: random weights may pick the end token at once; the demo shows a full answer.
     body = {
@@ -179,7 +192,7 @@ async def _first_answer(console: Console, dashboard: str, token: str) -> None:
         "max_tokens": 24,
         "ignore_eos": True,
     }
-    console.print(f"asking through the dashboard: POST {url}")
+    out.say(f"asking through the dashboard: POST {url}")
     async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
         reply = await client.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
     if reply.status_code != 200:
@@ -187,21 +200,21 @@ async def _first_answer(console: Console, dashboard: str, token: str) -> None:
     data = reply.json()
     answer = printable(data["choices"][0]["message"]["content"] or "")
     tokens = data.get("usage", {}).get("completion_tokens")
-    console.print(f"answer ({tokens} tokens): [bold]{escape(repr(answer))}[/]")
-    console.print(
+    out.stress(f"answer ({tokens} tokens): ", repr(answer))
+    out.say(
         "  (nonsense, as it should be: the tiny model's weights are random; it proves the "
         "machinery, offload over RPC to both backends, not the words)"
     )
 
 
 async def run_demo(
-    binaries: LlamaBinaries, console: Console, once: bool, ports: DemoPorts | None = None
+    binaries: LlamaBinaries, out: DemoOutput, once: bool, ports: DemoPorts | None = None
 ) -> int:
     ports = ports or DemoPorts()
     problems = _ports_in_use(ports)
     if problems:
         for problem in problems:
-            console.print(f"[red]error:[/] {escape(problem)}")
+            out.error(problem)
         return 1
     state = state_dir() / "demo"
     stop = asyncio.Event()
@@ -209,16 +222,16 @@ async def run_demo(
     children: list[Child] = []
     plane_task: asyncio.Task[None] | None = None
     try:
-        children = await _start_backends(binaries, console, state)
+        children = await _start_backends(binaries, out, state)
         conf = state / "rpc_backends.conf"
-        await _show_discovery(console, conf)
+        await _show_discovery(out, conf)
         from corral.llama.tiny_model import write_tiny_model
 
         model = await asyncio.to_thread(write_tiny_model, state / "tiny.gguf")
-        console.print(f"model: {escape(str(model))} (tiny, random weights: it answers nonsense)")
+        out.say(f"model: {model} (tiny, random weights: it answers nonsense)")
         token = os.environ.get("CORRAL_TOKEN") or secrets.token_urlsafe(18)
         source = "from CORRAL_TOKEN" if os.environ.get("CORRAL_TOKEN") else "generated"
-        console.print(f"token ({source}): {token}")
+        out.say(f"token ({source}): {token}")
 
         ready: asyncio.Future[Plane] = asyncio.get_running_loop().create_future()
         cfg = _plane_config(binaries, state, conf, model, ports, token)
@@ -227,8 +240,8 @@ async def run_demo(
                 cfg,
                 prober_for(binaries),
                 stop,
-                say=lambda m: console.print(f"{time.strftime('%H:%M:%S')} {escape(m)}"),
-                warn=lambda m: console.print(f"[yellow]warning:[/] {escape(m)}"),
+                say=out.log,
+                warn=out.warn,
                 on_ready=ready.set_result,
             )
         )
@@ -238,18 +251,19 @@ async def run_demo(
             await plane_task
             return 0
         plane = ready.result()
-        console.print(f"dashboard up at {plane.dashboard_url}/; waiting for the coordinator")
+        out.say(f"dashboard up at {plane.dashboard_url}/; waiting for the coordinator")
         if not await _serving(plane, plane_task):
             return 0
-        await _first_answer(console, plane.dashboard_url, token)
-        console.print(f"\n[bold]open the dashboard: {plane.dashboard_url}/[/]")
+        await _first_answer(out, plane.dashboard_url, token)
+        out.say("")
+        out.stress("", f"open the dashboard: {plane.dashboard_url}/")
         if once:
             return 0
-        console.print("everything keeps running; Ctrl-C stops it all")
+        out.say("everything keeps running; Ctrl-C stops it all")
         await stop.wait()
         return 0
     except PlaneError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}")
+        out.error(str(exc))
         return exc.code
     finally:
         stop.set()

@@ -1,82 +1,61 @@
 """`corral coordinator run|status|stop`: build the runner's parts, and talk to a running one.
 
-Exit codes as in corral.cli: 0 when the command ran, 1 when it could not do its job, 2 on bad
-usage or input.
+Exit codes as everywhere: 0 when the command ran, 1 when it could not do its job, 2 on bad usage
+or input.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import signal
-from dataclasses import asdict
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import psutil
 import typer
 
-from corral.console import fail, say, warn
-from corral.coordinator.candidates import Candidates
-from corral.coordinator.health import ServerHttp
-from corral.coordinator.options import (
+from corral.cli.console import bad_input, fail, say, warn
+from corral.cli.options import (
+    LLAMA_HOST,
+    LLAMA_PORT,
     BackendOpt,
     CtxSizeOpt,
     DebounceOpt,
     DrainTimeoutOpt,
     ExtraArgs,
     GpuLayersOpt,
+    JsonOpt,
+    LlamaHostOpt,
+    LlamaPortOpt,
     LocalFallbackOpt,
     MinBackendsOpt,
     ModelOpt,
     OnChangeOpt,
     ParallelOpt,
     ProbeIntervalOpt,
+    RedisOpt,
     StartTimeoutOpt,
     TensorSplitOpt,
-    coordinator_settings,
+    check_model,
+    coordinator_settings_from,
 )
-from corral.coordinator.pidfile import (
-    AlreadyRunning,
-    claim,
-    log_path,
-    pidfile_path,
-    read_owner,
-    release,
-)
-from corral.coordinator.policy import OnChange
-from corral.coordinator.publish import Publisher
-from corral.coordinator.runner import CoordinatorError, Runner
-from corral.llama.binaries import BinariesNotFound, find_binaries
-from corral.llama.probing import installed_prober
-from corral.llama.server import DEFAULT_HOST, DEFAULT_PORT, ServerOptions
-from corral.paths import state_dir
-from corral.store.base import CoordinatorRecord, Store
+
+if TYPE_CHECKING:
+    from corral.store.base import CoordinatorRecord
 
 coordinator_app = typer.Typer(
     help="Keep a llama-server running across the healthy RPC backends.", no_args_is_help=True
 )
 
 
-RedisOpt = Annotated[
-    str | None,
-    typer.Option("--redis", help="Redis URL (else CORRAL_REDIS_URL); embedded store if unset."),
-]
-PortOpt = Annotated[int, typer.Option(min=1, max=65535, help="Port llama-server listens on.")]
-
-
 @coordinator_app.command("run")
 def run(
     model: ModelOpt = None,
-    host: Annotated[str, typer.Option(help="Address llama-server listens on.")] = DEFAULT_HOST,
-    port: PortOpt = DEFAULT_PORT,
+    host: LlamaHostOpt = LLAMA_HOST,
+    port: LlamaPortOpt = LLAMA_PORT,
     backend: BackendOpt = None,
     ctx_size: CtxSizeOpt = None,
     parallel: ParallelOpt = None,
     gpu_layers: GpuLayersOpt = 99,
     tensor_split: TensorSplitOpt = None,
     min_backends: MinBackendsOpt = 1,
-    on_change: OnChangeOpt = OnChange.RESTART,
+    on_change: OnChangeOpt = "restart",
     local_fallback: LocalFallbackOpt = True,
     debounce: DebounceOpt = 10.0,
     drain_timeout: DrainTimeoutOpt = 30.0,
@@ -89,56 +68,50 @@ def run(
 
     An llama-server already serving the port is adopted, not doubled.
     """
-    try:
-        settings = coordinator_settings(
-            host=host,
-            port=port,
-            backend=backend,
-            ctx_size=ctx_size,
-            parallel=parallel,
-            gpu_layers=gpu_layers,
-            tensor_split=tensor_split,
-            min_backends=min_backends,
-            on_change=on_change,
-            local_fallback=local_fallback,
-            debounce=debounce,
-            drain_timeout=drain_timeout,
-            start_timeout=start_timeout,
-            probe_interval=probe_interval,
-            extra=extra,
-        )
-    except ValueError as exc:
-        fail(str(exc), 2)
-    if model is not None and not model.is_file():
-        fail(f"--model {model}: no such file", 2)
+    settings = coordinator_settings_from(locals(), host=host, port=port)
+    check_model(model)
+
+    import asyncio
+    import signal
+
+    from corral.coordinator.candidates import Candidates
+    from corral.coordinator.pidfile import AlreadyRunning, claim, log_path, pidfile_path, release
+    from corral.coordinator.publish import Publisher
+    from corral.coordinator.runner import CoordinatorError, Runner
+    from corral.llama.binaries import BinariesNotFound, find_binaries
+    from corral.llama.probing import installed_prober
+    from corral.paths import state_dir
+    from corral.rpc.held import HeldBackends
+    from corral.store.factory import open_store
+
     try:
         binaries = find_binaries()
     except BinariesNotFound as exc:
         fail(str(exc))
 
     async def main() -> None:
-        from corral.store.factory import open_store
-
         state = state_dir()
         try:
             store = await open_store(redis, state)
         except ValueError as exc:
-            fail(str(exc), 2)
+            bad_input(str(exc))
         pid_path = pidfile_path(state, port)
         try:
             await asyncio.to_thread(claim, pid_path)
         except AlreadyRunning as exc:
             await store.close()
             fail(f"port {port}: {exc}")
+        held = HeldBackends()  # the runner owns it; its candidates' prober reads it
         runner = Runner(
             opts=settings.server,
             model=model.resolve() if model else None,
             llama_server=binaries.llama_server,
-            candidates=Candidates(settings.backends, store, installed_prober(1.0)),
+            candidates=Candidates(settings.backends, store, installed_prober(1.0).reading(held)),
             publish=Publisher(store, port, say, warn),
             log_path=log_path(state, port),
             policy=settings.policy,
             timings=settings.timings,
+            held=held,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -157,9 +130,10 @@ def run(
 
 
 async def _read_record(redis: str | None) -> CoordinatorRecord | None:
+    from corral.paths import state_dir
     from corral.store.factory import open_store
 
-    store: Store = await open_store(redis, state_dir())
+    store = await open_store(redis, state_dir())
     try:
         return await store.coordinator()
     finally:
@@ -167,6 +141,8 @@ async def _read_record(redis: str | None) -> CoordinatorRecord | None:
 
 
 def _llama_alive(pid: int | None) -> bool:
+    import psutil
+
     if pid is None:
         return False
     try:
@@ -177,6 +153,9 @@ def _llama_alive(pid: int | None) -> bool:
 
 
 async def _health(host: str, port: int) -> str:
+    from corral.coordinator.health import ServerHttp
+    from corral.llama.server import ServerOptions
+
     http = ServerHttp(ServerOptions(host=host, port=port).base_url)
     try:
         return str(await http.health())
@@ -186,12 +165,18 @@ async def _health(host: str, port: int) -> str:
 
 @coordinator_app.command("status")
 def status(
-    port: PortOpt = DEFAULT_PORT,
-    host: Annotated[str, typer.Option(help="Address llama-server listens on.")] = DEFAULT_HOST,
+    port: LlamaPortOpt = LLAMA_PORT,
+    host: LlamaHostOpt = LLAMA_HOST,
     redis: RedisOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """What the coordinator published (backends in use, restarts), checked against reality."""
+    import asyncio
+    import json
+    from dataclasses import asdict
+
+    from corral.coordinator.pidfile import pidfile_path, read_owner
+    from corral.paths import state_dir
 
     async def gather() -> dict[str, Any]:
         record = await _read_record(redis)
@@ -228,12 +213,20 @@ def status(
 
 @coordinator_app.command("stop")
 def stop(
-    port: PortOpt = DEFAULT_PORT,
+    port: LlamaPortOpt = LLAMA_PORT,
     timeout: Annotated[
         float, typer.Option(min=1, help="Seconds to wait before killing the coordinator.")
     ] = 30.0,
 ) -> None:
     """Ask the running `coordinator run` for this port to stop (it stops llama-server first)."""
+    import os
+    import signal
+
+    import psutil
+
+    from corral.coordinator.pidfile import pidfile_path, read_owner
+    from corral.paths import state_dir
+
     path = pidfile_path(state_dir(), port)
     owner = read_owner(path)
     if owner is None:

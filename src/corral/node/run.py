@@ -1,13 +1,11 @@
-"""Wiring for `corral node`: build the agent from options and run it until a signal."""
+"""Run a node: build the agent from its options and run it until a signal (`corral node`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ipaddress
-import logging
 import signal
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -81,16 +79,6 @@ def advertise_host(bind_host: str, addresses: Iterable[str]) -> str:
     return str(min(usable))
 
 
-def setup_logging() -> None:
-    """The node is a long-running service: timestamped lines on stderr (its supervisor's log)."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,  # replaces the CLI's plain default
-    )
-
-
 def probe_timeout(heartbeat_s: float) -> float:
     """Pure: a probe of the node's own backend must fit in one beat, or a slow backend would
     stretch the gap between registrations past their TTL (three beats) and the node flicker."""
@@ -98,8 +86,8 @@ def probe_timeout(heartbeat_s: float) -> float:
 
 
 async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
+    """Raises NodeOptionsError (or ValueError, a bad Redis URL) before it starts anything."""
     check_bind_host(opts.host, opts.allow_any_address)
-    setup_logging()
     if not opts.attach and binaries is None:
         raise NodeOptionsError("no ggml-rpc-server to start: run `corral llama install`")
     directory = state_dir()

@@ -1,16 +1,22 @@
-"""Render backends for people (a rich table) and for programs (the `--json` contract)."""
+"""Render backends for people (a rich table) and for programs (the `--json` contract).
+
+rich is imported for the table only: `--json` output does without it.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
-from corral.store.base import BackendRecord
+from corral.cli.console import escape
 from corral.types import Backend, ProbeResult, Status
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from corral.store.base import BackendRecord
 
 _STYLE = {
     Status.READY: "green",
@@ -35,6 +41,8 @@ def backends_json(backends: Sequence[Backend]) -> str:
 
 
 def backends_table(backends: Sequence[Backend], title: str) -> Table:
+    from rich.table import Table
+
     table = Table(title=escape(title), title_justify="left")
     table.add_column("endpoint", no_wrap=True)
     table.add_column("status", no_wrap=True)

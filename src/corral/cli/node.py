@@ -1,0 +1,83 @@
+"""`corral node`: run beside ggml-rpc-server (the wiring is corral.node.run)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from corral.cli.console import bad_input
+from corral.cli.options import RedisOpt
+
+
+def setup_logging() -> None:
+    """The node is a long-running service: timestamped lines on stderr (its supervisor's log)."""
+    import logging
+    import sys
+
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,  # replaces the CLI's plain default
+    )
+
+
+def node(
+    host: Annotated[
+        str, typer.Option(help="Interface address the backend binds to.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Backend RPC port.")] = 50052,
+    attach: Annotated[
+        bool, typer.Option(help="Attach to a ggml-rpc-server already running on host:port.")
+    ] = False,
+    allow_any_address: Annotated[
+        bool, typer.Option(help="Allow binding 0.0.0.0 (the protocol has no authentication).")
+    ] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="Backend threads (-t).")] = None,
+    devices: Annotated[str | None, typer.Option(help="Backend devices (-d DEV1,DEV2).")] = None,
+    cache: Annotated[bool, typer.Option(help="Backend local tensor cache (-c).")] = False,
+    heartbeat: Annotated[
+        float, typer.Option(min=0.1, max=60, help="Seconds between heartbeats.")
+    ] = 2.0,
+    mdns: Annotated[bool, typer.Option(help="Announce the backend by mDNS/DNS-SD.")] = True,
+    redis: RedisOpt = None,
+    register: Annotated[
+        str | None, typer.Option(help="Also register over HTTP with a dashboard at this URL.")
+    ] = None,
+) -> None:
+    """Run beside ggml-rpc-server: supervise or attach to it, heartbeat, announce."""
+    import asyncio
+    import os
+
+    from corral.cli.llama import binaries_missing
+    from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
+    from corral.node.run import NodeOptions, NodeOptionsError, check_bind_host, run_node
+
+    binaries: LlamaBinaries | None = None
+    if not attach:
+        try:
+            binaries = find_binaries()
+        except BinariesNotFound as exc:
+            binaries_missing(exc)
+    opts = NodeOptions(
+        host=host,
+        port=port,
+        attach=attach,
+        allow_any_address=allow_any_address,
+        threads=threads,
+        devices=devices,
+        cache=cache,
+        heartbeat_s=heartbeat,
+        mdns=mdns,
+        redis_url=redis,
+        register_url=register,
+        token=os.environ.get("CORRAL_TOKEN"),
+    )
+    try:
+        check_bind_host(opts.host, opts.allow_any_address)
+        setup_logging()
+        code = asyncio.run(run_node(opts, binaries))
+    except (NodeOptionsError, ValueError) as exc:
+        bad_input(str(exc))
+    raise typer.Exit(code)
