@@ -1,39 +1,28 @@
-"""Shared fixtures: real llama.cpp processes on loopback, started and stopped by PID.
+"""Fixtures only: every test's private state, the llama.cpp binaries and tiny model, real
+ggml-rpc-servers and a real redis-server on loopback, each started and stopped by PID.
 
 Binaries come from `corral llama install` (the README's test command runs it). Without them a
-test that needs them is skipped with the reason locally, and fails under CI=true.
+test that needs them is skipped with the reason locally, and fails under CI=true; the same holds
+for redis-server. Helpers that tests import live in tests/support/.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import os
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from corral.endpoint import Endpoint
-from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
-from corral.llama.supervisor import Child, rpc_server_argv
-from corral.rpc.probe import Prober
-from corral.types import Status
+pytest.register_assert_rewrite("tests.support")  # helpers' asserts explain themselves too
 
-# Each test gets its own loopback addresses (127.0.0.0/8 is all ours), so tests never collide.
-_addresses = itertools.count(10)
-
-
-def next_loopback() -> str:
-    n = next(_addresses)
-    return f"127.0.{(n // 250) % 250 + 1}.{n % 250 + 2}"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+from corral.endpoint import Endpoint  # noqa: E402
+from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries  # noqa: E402
+from corral.llama.supervisor import Child, rpc_server_argv  # noqa: E402
+from corral.types import Status  # noqa: E402
+from tests.support.loopback import free_port, next_loopback  # noqa: E402
+from tests.support.redis_server import REDIS_SERVER, RedisServer  # noqa: E402
+from tests.support.rpc_backends import StartRpc, wait_status  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -67,22 +56,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
 
 
-async def wait_status(ep: Endpoint, want: Status, seconds: float = 10.0) -> None:
-    prober = Prober(timeout=1.0)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    last = None
-    while loop.time() < deadline:
-        last = await prober.probe(ep)
-        if last.status is want:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{ep} never became {want}; last: {last}")
-
-
-StartRpc = Callable[..., Awaitable[tuple[Endpoint, Child]]]
-
-
 @pytest.fixture
 async def rpc_server(llama_bins: LlamaBinaries, tmp_path: Path) -> AsyncIterator[StartRpc]:
     """Factory: `ep, child = await rpc_server()` starts a real ggml-rpc-server, waits ready."""
@@ -109,3 +82,20 @@ async def rpc_server(llama_bins: LlamaBinaries, tmp_path: Path) -> AsyncIterator
 @pytest.fixture
 def loopback_host() -> Iterator[str]:
     yield next_loopback()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1, empty, stopped by PID at the end."""
+    if not os.access(REDIS_SERVER, os.X_OK):
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs {REDIS_SERVER}")
+        pytest.skip(f"{REDIS_SERVER} not installed")
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    server = RedisServer(workdir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

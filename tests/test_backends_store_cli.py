@@ -18,11 +18,10 @@ from typing import Any
 import pytest
 
 from corral.endpoint import Endpoint
-from tests import fakes
-from tests.conftest import StartRpc
-from tests.fakes import fake_server
-from tests.test_cli import corral, corral_script
-from tests.test_registry_faults import isolated_env
+from tests.support import fake_servers
+from tests.support.corral_cli import corral, corral_script, isolated_env
+from tests.support.fake_servers import fake_server
+from tests.support.rpc_backends import StartRpc
 
 PROBE_TIMEOUT = 2.0  # a silent (busy-looking) backend takes this long to verify
 
@@ -98,7 +97,7 @@ async def test_last_known_view_comes_at_once_then_the_verified_one(
     env = isolated_env(tmp_path / "state")
     conf = tmp_path / "rpc_backends.conf"
     ready, child = await rpc_server()
-    async with fake_server(fakes.silent()) as quiet:
+    async with fake_server(fake_servers.silent()) as quiet:
         conf.write_text(f"{ready}\n{quiet.endpoint}\n")
         common = ["--timeout", str(PROBE_TIMEOUT)]
 

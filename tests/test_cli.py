@@ -7,57 +7,18 @@ on the machine, and probe its backends wherever they are) is left to test_source
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
-from corral.types import Status
-from tests import fakes
-from tests.conftest import StartRpc, free_port
-from tests.fakes import fake_server
-
-STATUSES = {s.value for s in Status}
-TYPES: dict[str, tuple[type, ...]] = {
-    "host": (str,),
-    "port": (int,),
-    "status": (str,),
-    "version": (str, type(None)),
-    "devices": (list,),
-    "latency_ms": (int, float, type(None)),
-    "sources": (list,),
-    "error": (str, type(None)),
-}
-
-
-def corral_script() -> str:
-    beside = Path(sys.executable).parent / "corral"
-    found = str(beside) if beside.is_file() else shutil.which("corral")
-    if not found:
-        pytest.fail("the `corral` console script is not installed (pip install -e .)")
-    return found
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
-
-    def json(self) -> list[dict[str, Any]]:
-        data = json.loads(self.out)
-        assert isinstance(data, list)
-        for item in data:
-            check_contract(item)
-        return data
+from tests.support import fake_servers
+from tests.support.corral_cli import corral
+from tests.support.fake_servers import fake_server
+from tests.support.loopback import free_port
+from tests.support.rpc_backends import StartRpc
 
 
 @pytest.fixture
@@ -67,49 +28,6 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
     env["COLUMNS"] = "200"
     return env
-
-
-async def corral(*args: str, env: dict[str, str], cwd: Path | None = None) -> Run:
-    proc = await asyncio.create_subprocess_exec(
-        corral_script(),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL,
-        env=env,
-        cwd=cwd,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    except TimeoutError:
-        proc.kill()  # our own child, by PID
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
-
-
-def check_contract(item: dict[str, Any]) -> None:
-    """One backend object: exactly these keys, these types, these values."""
-    assert set(item) == set(TYPES), sorted(item)
-    for key, types in TYPES.items():
-        assert isinstance(item[key], types), (key, item[key])
-        assert not isinstance(item[key], bool), (key, item[key])  # bool is an int in Python
-    assert item["host"]
-    assert 1 <= item["port"] <= 65535
-    assert item["status"] in STATUSES
-    for dev in item["devices"]:
-        assert isinstance(dev, dict) and set(dev) == {"index", "free_bytes", "total_bytes"}
-        assert all(type(v) is int and v >= 0 for v in dev.values()), dev
-        assert dev["free_bytes"] <= dev["total_bytes"]
-    assert [d["index"] for d in item["devices"]] == list(range(len(item["devices"])))
-    assert all(isinstance(s, str) for s in item["sources"])
-    if item["error"] is not None:
-        assert 0 < len(item["error"]) <= 120 and "\n" not in item["error"]
-    if item["status"] == Status.READY:
-        assert item["version"] is not None and item["latency_ms"] is not None
-    else:
-        assert item["devices"] == []
 
 
 # --- probe ------------------------------------------------------------------------------------
@@ -147,9 +65,9 @@ async def test_probe_json_contract_ready_and_offline(
 
 async def test_probe_json_for_every_other_status(clean_env: dict[str, str]) -> None:
     async with (
-        fake_server(fakes.rpc((8, 0, 0))) as newer,
-        fake_server(fakes.silent()) as quiet,
-        fake_server(fakes.http_eager_server()) as http,
+        fake_server(fake_servers.rpc((8, 0, 0))) as newer,
+        fake_server(fake_servers.silent()) as quiet,
+        fake_server(fake_servers.http_eager_server()) as http,
     ):
         run = await corral(
             "probe",
@@ -170,7 +88,7 @@ async def test_probe_json_for_every_other_status(clean_env: dict[str, str]) -> N
 
 
 async def test_probe_ipv6_endpoint_in_brackets(clean_env: dict[str, str]) -> None:
-    async with fake_server(fakes.rpc(), host="::1") as server:
+    async with fake_server(fake_servers.rpc(), host="::1") as server:
         run = await corral("probe", f"[::1]:{server.endpoint.port}", "--json", env=clean_env)
     assert run.code == 0, run.err
     (item,) = run.json()
@@ -181,7 +99,7 @@ async def test_probe_table_shows_what_the_server_sent_literally(
     clean_env: dict[str, str],
 ) -> None:
     # The note quotes the server's bytes; "[red]" in them must be printed, not taken for markup.
-    async with fake_server(fakes.banner(b"[red]gotcha[/]\r\n")) as server:
+    async with fake_server(fake_servers.banner(b"[red]gotcha[/]\r\n")) as server:
         run = await corral("probe", str(server.endpoint), "--timeout", "0.4", env=clean_env)
     assert run.code == 0, run.err
     assert str(server.endpoint) in run.out

@@ -1,20 +1,18 @@
 """A two-machine cluster for real: a backend machine and a coordinator machine, no Redis.
 
-The LAN is tests/netns.py's: ns A (198.18.0.1, the coordinator machine) and ns B (198.18.0.2,
-a backend machine) joined by one veth and nothing else. In ns B `corral node` supervises a
-ggml-rpc-server and registers it over HTTP with the dashboard in ns A (`--register`, with the
-token); in ns A `corral up` runs the dashboard on the LAN address, the monitor and the
+The LAN is tests/support/netns.py's: ns A (198.18.0.1, the coordinator machine) and ns B
+(198.18.0.2, a backend machine) joined by one veth and nothing else. In ns B `corral node`
+supervises a ggml-rpc-server and registers it over HTTP with the dashboard in ns A (`--register`,
+with the token); in ns A `corral up` runs the dashboard on the LAN address, the monitor and the
 coordinator with the default ports, and takes its backends from those registrations alone.
 Every process runs inside a namespace, started and stopped by its PID.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +25,16 @@ from corral.llama.supervisor import Child
 from corral.store.base import BackendRecord, CoordinatorRecord, Store
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Status
-from tests.netns import Lan, can_build_lan, helper_argv, isolated_lan, run_in, wait_listening
-from tests.test_cli import corral_script
-from tests.test_registry_faults import isolated_env
+from tests.support.corral_cli import corral_script, isolated_env
+from tests.support.netns import (
+    Lan,
+    can_build_lan,
+    helper_argv,
+    isolated_lan,
+    run_in,
+    wait_listening,
+)
+from tests.support.waiting import until
 
 CANNOT_BUILD_LAN = can_build_lan()
 pytestmark = [
@@ -86,16 +91,18 @@ async def http_in_a(
 async def store_until(state: Path, check: Check[T], seconds: float) -> T:
     """Until `check` finds what it wants in ns A's store (the dashboard reads the same store)."""
     store = await EmbeddedStore.open(state / "corral" / "state.db")
+    found: list[T] = []
+
+    async def finds() -> bool:
+        result = await check(store)
+        found[:] = [] if result is None else [result]
+        return bool(found)
+
     try:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            found = await check(store)
-            if found is not None:
-                return found
-            await asyncio.sleep(0.1)
+        await until(finds, seconds, str(check.__doc__))
     finally:
         await store.close()
-    raise AssertionError(f"timed out after {seconds} s waiting for {check.__doc__}")
+    return found[0]
 
 
 def serving_on(want: set[Endpoint], other_than: int | None = None) -> Check[CoordinatorRecord]:

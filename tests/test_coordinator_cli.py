@@ -1,5 +1,8 @@
 """`corral coordinator run|status|stop` and `corral model tiny` as a user runs them: real
-processes, a private state directory, and every PID checked gone at the end."""
+processes, a private state directory, and every PID checked gone at the end.
+
+Run, status and stop leave nothing running, nor do Ctrl-C or a killed `corral`; bad input is
+refused before anything starts; `model tiny` writes a GGUF and says its output is nonsense."""
 
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from typing import Any
 import psutil
 
 from corral.endpoint import Endpoint
-from tests.conftest import StartRpc, free_port
-from tests.coordinator_support import chat, until
+from tests.support.coordinator import chat
+from tests.support.loopback import free_port
+from tests.support.rpc_backends import StartRpc
+from tests.support.waiting import until
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

@@ -1,5 +1,8 @@
 """Starting right: adopt what already serves, use only ready backends, explain a failed load,
-fall back to local devices (or wait), and drop a backend whose node stops its heartbeat."""
+fall back to local devices (or wait), and drop a backend whose node stops its heartbeat.
+
+A node's registrations expire by the store's clock, which the heartbeat test holds (FakeClock):
+"three heartbeats missed" is a step of that clock, not a wait."""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import itertools
 import os
 import signal
 import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -25,8 +28,11 @@ from corral.llama.supervisor import Child, rpc_server_argv
 from corral.rpc import protocol
 from corral.store.base import EventKind, NodeRegistration
 from corral.types import Status
-from tests.conftest import StartRpc, free_port, next_loopback
-from tests.coordinator_support import Running, chat, health, running, until
+from tests.support.clock import FakeClock
+from tests.support.coordinator import Running, chat, health, running
+from tests.support.loopback import free_port, next_loopback
+from tests.support.rpc_backends import StartRpc
+from tests.support.waiting import until
 
 
 @contextlib.asynccontextmanager
@@ -68,8 +74,7 @@ async def test_only_ready_backends_join_and_an_incompatible_one_is_named(
         assert argv[argv.index("--rpc") + 1] == str(a)
         named = [w for w in c.warned if str(odd) in w]
         assert named and "incompatible" in named[0] and "will not be used" in named[0]
-        warnings = await c.events(EventKind.WARNING)
-        assert any(e.endpoint == odd for e in warnings)
+        await c.wait_event(EventKind.WARNING, where=lambda e: e.endpoint == odd)
         await chat(c.url)
 
 
@@ -93,8 +98,8 @@ async def test_adopts_a_llama_server_already_serving_the_port(
             assert rec.pid == foreign.pid
             on_port = [x.pid for x in find_coordinators() if x.port == port]
             assert on_port == [foreign.pid]  # supervised, not doubled
-            started = await c.events(EventKind.COORDINATOR_STARTED)
-            assert "adopted" in started[0].message
+            started = await c.wait_event(EventKind.COORDINATOR_STARTED)
+            assert "adopted" in started.message
             await chat(c.url)
             # Supervised for real: when it dies, the coordinator starts its own in its place.
             os.kill(foreign.pid or 0, signal.SIGKILL)
@@ -199,25 +204,14 @@ async def test_backend_whose_node_stops_heartbeating_is_dropped(
     writes the registrations itself and then stops, as a node that vanished silently would."""
     a, _ = await rpc_server()
     b, _ = await rpc_server()
-    async with running(tmp_path, llama_bins, tiny_model, [a]) as c:
-        beating = True
-
-        async def heartbeat() -> None:
-            while beating:
-                reg = NodeRegistration("node-b", b, "b-host", Status.READY, heartbeat_s=0.2)
-                await c.store.register_node(reg)
-                await asyncio.sleep(0.1)
-
-        beat = asyncio.create_task(heartbeat())
-        try:
-            await c.wait_serving({a, b})
-            beating = False
-            await beat
-            stopped_at = time.monotonic()
-            rec = await c.wait_serving({a}, seconds=10)
-            assert "heartbeat" in (rec.last_reason or "")
-            assert time.monotonic() - stopped_at < 5
-            await chat(c.url)
-        finally:
-            beating = False
-            await beat
+    clock = FakeClock()  # the store's: registrations expire when the test says time has passed
+    async with running(tmp_path, llama_bins, tiny_model, [a], clock=clock) as c:
+        beat = 0.2
+        reg = NodeRegistration("node-b", b, "b-host", Status.READY, heartbeat_s=beat)
+        await c.store.register_node(replace(reg, last_heartbeat=clock()))
+        await c.wait_serving({a, b})
+        clock.advance(3 * beat)  # three heartbeats missed: the registration is gone
+        assert await c.store.live_nodes() == []
+        rec = await c.wait_serving({a}, seconds=10)
+        assert "heartbeat" in (rec.last_reason or "")
+        await chat(c.url)

@@ -7,12 +7,13 @@ never as another (a waiting coordinator once read as "failed").
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 import sys
 from pathlib import Path
 
 import pytest
 
+from corral.store.codec import CodecError, coordinator_from_json
 from corral.store.factory import open_store
 from corral.types import CoordinatorState
 from corral.web.schemas import CoordinatorOut, coordinator_from_record, endpoints_in_use
@@ -22,6 +23,7 @@ import asyncio, sys
 from pathlib import Path
 from corral.endpoint import Endpoint
 from corral.store.base import CoordinatorRecord
+from corral.store.codec import CodecError, coordinator_from_json
 from corral.store.factory import open_store
 from corral.types import CoordinatorState
 
@@ -41,7 +43,10 @@ asyncio.run(main())
 async def test_a_state_written_by_one_process_reads_back_as_itself_in_another(
     tmp_path: Path, state: CoordinatorState
 ) -> None:
-    subprocess.run([sys.executable, "-c", WRITER, str(tmp_path), str(state)], check=True)
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(tmp_path), str(state)
+    )
+    assert await writer.wait() == 0
     store = await open_store(None, tmp_path, environ={})
     try:
         record = await store.coordinator()
@@ -63,9 +68,7 @@ def test_every_state_has_one_tone_the_page_knows() -> None:
 
 
 def test_an_unknown_state_in_the_store_is_refused_with_where_and_why() -> None:
-    from corral.store.codec import CodecError, coordinator_from_json
-
-    with pytest.raises(CodecError, match="state.*not a coordinator state.*'sleeping'"):
+    with pytest.raises(CodecError, match=r"state.*not a coordinator state.*'sleeping'"):
         coordinator_from_json(
             {"state": "sleeping", "backends": [], "updated_at": 1.0}, "coordinator record"
         )

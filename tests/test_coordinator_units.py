@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from corral.coordinator.links import Link, judge, resolve
+from corral.coordinator.links import Link, judge, read_links, resolve
 from corral.coordinator.pidfile import AlreadyRunning, claim, read_owner, release
 from corral.endpoint import Endpoint
 from corral.llama.server import (
@@ -170,3 +170,17 @@ def test_pidfile_claims_once_and_ignores_dead_or_reused_pids(tmp_path: Path) -> 
     claim(path)
     release(path)
     assert not path.exists()
+
+
+def test_the_links_of_a_dead_unreaped_llama_server_read_as_unknown() -> None:
+    """Between its death and its reaping, llama-server is a zombie without sockets. That must
+    read as "cannot tell" (None), never as "no connections", which judge() takes as every held
+    backend gone."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        child.kill()
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
+        assert read_links(child.pid) is None
+    finally:
+        child.kill()
+        child.wait()

@@ -14,8 +14,9 @@ from corral.rpc.probe import Prober
 from corral.sources.base import Source, SourceReport
 from corral.sources.chain import ChainOptions, build_chain
 from corral.types import Backend, ProbeResult, Sighting, SourceName, Status
-from tests.conftest import StartRpc, free_port
-from tests.llama_server import running_llama_server
+from tests.support.llama_server import running_llama_server
+from tests.support.loopback import free_port
+from tests.support.rpc_backends import StartRpc
 
 E1, E2, E3 = Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 2), Endpoint("10.0.0.3", 3)
 

@@ -1,9 +1,9 @@
 """mDNS for real: a node announces in one network namespace, `corral backends` finds it in another.
 
-The LAN is tests/netns.py's: ns A (198.18.0.1/16) and ns B joined by one veth and nothing else.
-Loopback has no multicast, but a veth does, and python-zeroconf binds its sockets to the given
-interface address (IP_MULTICAST_IF, IP_ADD_MEMBERSHIP), so neither namespace needs a multicast
-route. Every process runs inside a namespace, started and stopped by its PID.
+The LAN is tests/support/netns.py's: ns A (198.18.0.1/16) and ns B joined by one veth and
+nothing else. Loopback has no multicast, but a veth does, and python-zeroconf binds its sockets to
+the given interface address (IP_MULTICAST_IF, IP_ADD_MEMBERSHIP), so neither namespace needs a
+multicast route. Every process runs inside a namespace, started and stopped by its PID.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import asyncio
 import json
 import sqlite3
 import sys
-import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ import pytest
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.supervisor import Child
-from tests.netns import (
+from tests.support.corral_cli import corral_script, isolated_env
+from tests.support.netns import (
     Lan,
     can_build_lan,
     helper_argv,
@@ -30,8 +30,7 @@ from tests.netns import (
     wait_for_line,
     wait_listening,
 )
-from tests.test_cli import corral_script
-from tests.test_registry_faults import isolated_env
+from tests.support.waiting import until
 
 CANNOT_BUILD_LAN = can_build_lan()
 pytestmark = [
@@ -98,15 +97,17 @@ def start(lan: Lan, ns: str, argv: Sequence[str], log: Path, state: Path) -> Chi
 async def until_node_reports(state_home: Path, status: str, seconds: float = 10) -> None:
     """Wait until the node's own embedded store holds a registration with `status`."""
     db = state_home / "corral" / "state.db"
-    deadline = time.monotonic() + seconds
     seen: list[str] = []
-    while time.monotonic() < deadline:
+
+    def reports() -> bool:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            seen = [json.loads(b)["status"] for (b,) in conn.execute("SELECT body FROM nodes")]
-        if status in seen:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"node never reported {status}; last {seen}")
+            seen[:] = [json.loads(b)["status"] for (b,) in conn.execute("SELECT body FROM nodes")]
+        return status in seen
+
+    try:
+        await until(reports, seconds, f"the node reporting {status}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last {seen}") from None
 
 
 async def browse_once(lan: Lan, tmp_path: Path) -> tuple[list[dict[str, Any]], str]:

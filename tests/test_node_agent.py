@@ -1,4 +1,10 @@
-"""The node agent with real ggml-rpc-server processes and a real embedded store."""
+"""The node agent with real ggml-rpc-server processes and a real embedded store.
+
+It starts its backend (or attaches to a running one) and registers what a probe sees, restarts
+a crashed backend with a capped backoff, reports a held backend busy with its client (never
+offline), unregisters when stopped, keeps its node id across restarts, and binds every
+interface only when asked to.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +20,16 @@ import pytest
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.node.agent import NodeAgent, NodeConfig, restart_delay
-from corral.node.command import NodeOptionsError, check_bind_host
 from corral.node.identity import node_id
+from corral.node.run import NodeOptionsError, check_bind_host
 from corral.rpc import protocol as p
 from corral.sources.registry import RegistrySource
 from corral.store.base import NodeRegistration, Store
 from corral.store.sqlite import EmbeddedStore
 from corral.types import SourceName, Status
-from tests.conftest import StartRpc, free_port, next_loopback
+from tests.support.loopback import free_port, next_loopback
+from tests.support.rpc_backends import StartRpc
+from tests.support.waiting import until
 
 HEARTBEAT = 0.25
 
@@ -69,14 +77,18 @@ async def run_agent(
 async def registration(
     store: Store, ep: Endpoint, want: Callable[[NodeRegistration], bool], seconds: float = 10
 ) -> NodeRegistration:
-    deadline = asyncio.get_running_loop().time() + seconds
+    """The node's registration, once it is live in the store and `want` accepts it."""
     last: list[NodeRegistration] = []
-    while asyncio.get_running_loop().time() < deadline:
-        last = [n for n in await store.live_nodes() if n.endpoint == ep]
-        if last and want(last[0]):
-            return last[0]
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no matching registration for {ep}; last: {last}")
+
+    async def registered() -> bool:
+        last[:] = [n for n in await store.live_nodes() if n.endpoint == ep]
+        return bool(last) and want(last[0])
+
+    try:
+        await until(registered, seconds, f"a matching registration of {ep}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last: {last}") from None
+    return last[0]
 
 
 async def test_agent_starts_backend_and_registers_what_it_sees(

@@ -1,4 +1,5 @@
-"""The probe against servers that misbehave: fakes (see tests/fakes.py for why) and a fuzzer.
+"""The probe against servers that misbehave: fakes (tests/support/fake_servers.py says why), and a
+fuzzer.
 
 Every probe here must end with exactly one status, never raise, and never take longer than its
 timeout plus a little slack, whatever the server sends or however it closes.
@@ -19,8 +20,8 @@ from hypothesis import strategies as st
 from corral.rpc import protocol as p
 from corral.rpc.probe import HTTP_NUDGE, Prober
 from corral.types import Device, ProbeResult, Status
-from tests import fakes
-from tests.fakes import Conn, FakeServer, Script, fake_server
+from tests.support import fake_servers
+from tests.support.fake_servers import Conn, FakeServer, Script, fake_server
 
 TIMEOUT = 0.6
 SLACK = 0.25  # scheduling noise on a loaded CI machine; the probe itself adds ~nothing
@@ -38,7 +39,7 @@ async def probe_fake(script: Script, limit: float = TIMEOUT) -> Outcome:
         start = time.monotonic()
         result = await Prober(timeout=limit).probe(server.endpoint)
         elapsed = time.monotonic() - start
-        await asyncio.sleep(0.02)  # let the fake see how the probe closed
+        await server.settled()  # every connection over: the fake has seen how the probe closed
         outcome = Outcome(result, elapsed, server)
     assert result.endpoint == server.endpoint
     assert elapsed <= limit + SLACK, f"probe took {elapsed:.3f}s, timeout {limit}s"
@@ -54,7 +55,7 @@ def first(server: FakeServer) -> Conn:
 
 
 async def test_ssh_banner_is_not_rpc_at_once() -> None:
-    out = await probe_fake(fakes.banner(b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3\r\n"))
+    out = await probe_fake(fake_servers.banner(b"SSH-2.0-OpenSSH_9.6p1 Ubuntu-3\r\n"))
     assert out.result.status is Status.NOT_RPC
     assert out.result.error is not None and "SSH" in out.result.error
     assert out.elapsed < TIMEOUT / 2  # eight bytes are enough to know
@@ -63,13 +64,13 @@ async def test_ssh_banner_is_not_rpc_at_once() -> None:
 
 async def test_short_banner_then_silence_is_not_rpc_not_busy() -> None:
     # Five bytes, then nothing: a busy RPC server never sends a byte, so this is not "busy".
-    out = await probe_fake(fakes.banner(b"+OK\r\n"))
+    out = await probe_fake(fake_servers.banner(b"+OK\r\n"))
     assert out.result.status is Status.NOT_RPC
     assert out.result.error is not None and "+OK" in out.result.error
 
 
 async def test_http_server_that_waits_for_a_line_is_not_rpc() -> None:
-    out = await probe_fake(fakes.http_line_server())
+    out = await probe_fake(fake_servers.http_line_server())
     assert out.result.status is Status.NOT_RPC
     assert out.result.error == "an HTTP server, not an RPC backend"
     # What it read: our HELLO, then the nudge that ends an HTTP request line.
@@ -78,7 +79,7 @@ async def test_http_server_that_waits_for_a_line_is_not_rpc() -> None:
 
 
 async def test_http_server_that_answers_at_once_is_not_rpc() -> None:
-    out = await probe_fake(fakes.http_eager_server())
+    out = await probe_fake(fake_servers.http_eager_server())
     assert out.result.status is Status.NOT_RPC
     assert out.result.error == "an HTTP server, not an RPC backend"
     assert out.elapsed < TIMEOUT / 2
@@ -90,14 +91,14 @@ async def test_http_server_that_answers_at_once_is_not_rpc() -> None:
     ids=["ff", "size-2^56", "counting", "text"],
 )
 async def test_junk_reply_is_not_rpc(junk: bytes) -> None:
-    out = await probe_fake(fakes.junk_after_hello(junk))
+    out = await probe_fake(fake_servers.junk_after_hello(junk))
     assert out.result.status is Status.NOT_RPC
     assert out.result.version is None
 
 
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 async def test_instant_close_is_not_rpc(reset: bool) -> None:
-    out = await probe_fake(fakes.instant_close(reset))
+    out = await probe_fake(fake_servers.instant_close(reset))
     assert out.result.status is Status.NOT_RPC
     assert out.result.error == "closed the connection without answering HELLO"
     # It closed on our HELLO the way an old server would, so the probe asked once more in the
@@ -108,21 +109,21 @@ async def test_instant_close_is_not_rpc(reset: bool) -> None:
 
 @pytest.mark.parametrize("n", [1, 4, 7, 8, 20, 35])
 async def test_partial_reply_then_silence_is_not_rpc(n: int) -> None:
-    out = await probe_fake(fakes.partial_reply(n, then_close=False))
+    out = await probe_fake(fake_servers.partial_reply(n, then_close=False))
     assert out.result.status is Status.NOT_RPC, out.result
     assert out.result.version is None
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 35])
 async def test_partial_reply_then_close_is_not_rpc(n: int) -> None:
-    out = await probe_fake(fakes.partial_reply(n, then_close=True))
+    out = await probe_fake(fake_servers.partial_reply(n, then_close=True))
     assert out.result.status is Status.NOT_RPC
     assert out.elapsed < TIMEOUT / 2
 
 
 @pytest.mark.parametrize("size", [p.HELLO_REPLY_SIZE + 1, 1 << 20, (1 << 64) - 1])
 async def test_oversized_hello_reply_is_not_rpc_quickly(size: int) -> None:
-    out = await probe_fake(fakes.oversized_hello(size))
+    out = await probe_fake(fake_servers.oversized_hello(size))
     assert out.result.status is Status.NOT_RPC
     assert out.elapsed < TIMEOUT / 2
     assert first(out.server).ended == "reset"
@@ -152,7 +153,7 @@ async def test_endless_stream_does_not_hang_or_grow() -> None:
     ],
 )
 async def test_version_decides_compatibility(version: tuple[int, int, int], status: Status) -> None:
-    out = await probe_fake(fakes.rpc(version))
+    out = await probe_fake(fake_servers.rpc(version))
     assert out.result.status is status
     assert out.result.version == "{}.{}.{}".format(*version)
     assert out.result.latency_ms is not None and 0 < out.result.latency_ms < TIMEOUT * 1000
@@ -166,7 +167,7 @@ async def test_version_decides_compatibility(version: tuple[int, int, int], stat
 
 async def test_client_protocol_is_taken_from_the_prober() -> None:
     # A llama-server built for protocol 8.1 accepts an 8.0.0 backend.
-    async with fake_server(fakes.rpc((8, 0, 0))) as server:
+    async with fake_server(fake_servers.rpc((8, 0, 0))) as server:
         result = await Prober(timeout=TIMEOUT, client_major=8, client_minor=1).probe(
             server.endpoint
         )
@@ -175,7 +176,7 @@ async def test_client_protocol_is_taken_from_the_prober() -> None:
 
 @pytest.mark.parametrize("reset", [True, False], ids=["closes-with-rst", "closes-with-fin"])
 async def test_old_protocol_3_server_is_incompatible(reset: bool) -> None:
-    out = await probe_fake(fakes.legacy((3, 0, 0), reset=reset))
+    out = await probe_fake(fake_servers.legacy((3, 0, 0), reset=reset))
     assert out.result.status is Status.INCOMPATIBLE, out.result
     assert out.result.version == "3.0.0"
     assert out.result.error is not None and "old RPC protocol 3.0.0" in out.result.error
@@ -188,7 +189,7 @@ async def test_old_protocol_3_server_is_incompatible(reset: bool) -> None:
 
 async def test_well_formed_server_with_two_devices_is_ready() -> None:
     devices = ((3 << 30, 8 << 30), (0, 1 << 20))
-    out = await probe_fake(fakes.rpc((7, 0, 0), devices))
+    out = await probe_fake(fake_servers.rpc((7, 0, 0), devices))
     assert out.result.status is Status.READY
     assert out.result.error is None
     assert out.result.devices == (Device(0, 3 << 30, 8 << 30), Device(1, 0, 1 << 20))
@@ -205,9 +206,9 @@ async def test_well_formed_server_with_two_devices_is_ready() -> None:
 
 async def test_server_answering_only_after_the_nudge_is_ready_without_devices() -> None:
     async def slow(c: Conn) -> None:
-        await c.recv_exactly(fakes.HELLO_REQUEST_SIZE)
+        await c.recv_exactly(fake_servers.HELLO_REQUEST_SIZE)
         await asyncio.sleep(TIMEOUT * 0.7)
-        await c.send(fakes.hello_reply())
+        await c.send(fake_servers.hello_reply())
         await c.drain_forever()
 
     out = await probe_fake(slow)
@@ -225,23 +226,26 @@ async def test_server_answering_only_after_the_nudge_is_ready_without_devices() 
 @pytest.mark.parametrize(
     "after_hello",
     [
-        fakes.device_count_reply(p.MAX_DEVICES + 1),
-        fakes.reply(b"\x01\x00\x00"),  # count of 3 bytes
-        fakes.device_count_reply(1) + fakes.device_memory_reply(5, 4),  # free > total
-        fakes.device_count_reply(1) + fakes.reply(bytes(15)),
-        fakes.device_count_reply(2) + fakes.device_memory_reply(1, 2),  # second one missing
+        fake_servers.device_count_reply(p.MAX_DEVICES + 1),
+        fake_servers.reply(b"\x01\x00\x00"),  # count of 3 bytes
+        fake_servers.device_count_reply(1) + fake_servers.device_memory_reply(5, 4),  # free > total
+        fake_servers.device_count_reply(1) + fake_servers.reply(bytes(15)),
+        fake_servers.device_count_reply(2)
+        + fake_servers.device_memory_reply(1, 2),  # second one missing
     ],
     ids=["too-many", "short-count", "free-over-total", "short-memory", "missing-device"],
 )
 async def test_bad_device_replies_are_not_ready(after_hello: bytes) -> None:
-    out = await probe_fake(fakes.scripted([(0, fakes.hello_reply() + after_hello)], "hold"))
+    out = await probe_fake(
+        fake_servers.scripted([(0, fake_servers.hello_reply() + after_hello)], "hold")
+    )
     assert out.result.status is Status.NOT_RPC
     assert out.result.version == "7.0.0"
     assert out.result.error is not None and "device query failed" in out.result.error
 
 
 async def test_silent_server_is_busy_and_is_left_with_a_reset() -> None:
-    out = await probe_fake(fakes.silent())
+    out = await probe_fake(fake_servers.silent())
     assert out.result.status is Status.BUSY
     assert out.elapsed >= TIMEOUT * 0.9  # it waited its time, no less
     conn = first(out.server)
@@ -318,7 +322,7 @@ endings = st.sampled_from(["fin", "fin", "rst", "rst", "hold"])
 
 def run_fuzz_case(chunks: list[tuple[float, bytes]], end: str) -> Outcome:
     async def case() -> Outcome:
-        async with fake_server(fakes.scripted(chunks, end)) as server:
+        async with fake_server(fake_servers.scripted(chunks, end)) as server:
             start = time.monotonic()
             result = await Prober(timeout=FUZZ_TIMEOUT).probe(server.endpoint)
             verdict_at = time.monotonic()
@@ -355,7 +359,7 @@ def mutated_conversations(draw: st.DrawFn) -> tuple[list[tuple[float, bytes]], b
     version = draw(st.sampled_from([(7, 0, 0), (7, 0, 4), (7, 1, 0), (8, 0, 0), (6, 3, 0)]))
     totals = draw(st.lists(st.integers(0, (1 << 64) - 1), max_size=3))
     devices = [(draw(st.integers(0, total)), total) for total in totals]
-    data = bytearray(fakes.conversation(version, devices))
+    data = bytearray(fake_servers.conversation(version, devices))
     mutation = draw(st.sampled_from(["none", "none", "flip", "truncate", "insert", "append"]))
     if mutation == "flip":
         i = draw(st.integers(0, len(data) - 1))
@@ -400,7 +404,7 @@ def test_fuzz_mutated_conversations(
 
 
 async def test_ipv6_loopback_endpoint() -> None:
-    async with fake_server(fakes.rpc(), host="::1") as server:
+    async with fake_server(fake_servers.rpc(), host="::1") as server:
         assert str(server.endpoint).startswith("[::1]:")
         result = await Prober(timeout=TIMEOUT).probe(server.endpoint)
     assert result.status is Status.READY
@@ -408,17 +412,17 @@ async def test_ipv6_loopback_endpoint() -> None:
 
 
 async def test_held_endpoint_is_busy_without_a_connection() -> None:
-    async with fake_server(fakes.rpc()) as server:
+    async with fake_server(fake_servers.rpc()) as server:
         prober = Prober(timeout=TIMEOUT, held={server.endpoint})
         result = await prober.probe(server.endpoint)
-        await asyncio.sleep(0.02)
-        assert server.accepted == 0
+        # Any connection the probe had opened would be accepted before this one of ours.
+        assert await server.accepted_before_ours() == 0
     assert result.status is Status.BUSY
     assert result.error == "in use by the coordinator (not probed)"
 
 
 async def test_concurrent_probes_of_one_endpoint_share_one_connection() -> None:
-    async with fake_server(fakes.rpc()) as server:
+    async with fake_server(fake_servers.rpc()) as server:
         prober = Prober(timeout=TIMEOUT)
         results = await asyncio.gather(*(prober.probe(server.endpoint) for _ in range(5)))
         assert server.accepted == 1

@@ -19,8 +19,9 @@ from corral.llama.supervisor import Child
 from corral.rpc import protocol as p
 from corral.rpc.probe import Prober
 from corral.types import Status
-from tests.conftest import StartRpc, free_port, wait_status
-from tests.llama_server import running_llama_server
+from tests.support.llama_server import running_llama_server
+from tests.support.loopback import free_port
+from tests.support.rpc_backends import StartRpc, wait_status
 
 BUSY_TIMEOUT = 0.3  # busy probes take their whole timeout; keep them short
 
@@ -94,12 +95,14 @@ async def test_no_tcp_in_time_is_offline_when_the_host_is_not_known_up(
     ep = Endpoint(loopback_host, listener.getsockname()[1])
     fillers = []
     try:
-        for _ in range(3):
+        # The first connection completes (connect returns once it sits in the accept queue) and
+        # fills the queue; the SYNs after it are dropped, as the probe's will be.
+        fillers.append(socket.create_connection((ep.host, ep.port), timeout=5))
+        for _ in range(2):
             s = socket.socket()
             s.setblocking(False)
             s.connect_ex((ep.host, ep.port))
             fillers.append(s)
-        await asyncio.sleep(0.05)
         start = time.monotonic()
         result = await Prober(timeout=0.3, host_up_means_busy=False).probe(ep)
         elapsed = time.monotonic() - start

@@ -1,6 +1,6 @@
 """The scan source: its pure parts, and real scans of an isolated LAN (two network namespaces).
 
-The LAN (see tests/netns.py): the scanner in ns A at 198.18.0.1/16; in ns B two ready
+The LAN (see tests/support/netns.py): the scanner in ns A at 198.18.0.1/16; in ns B two ready
 ggml-rpc-servers, one held busy by a client that completed HELLO and stays connected, an address
 that refuses (held, no listener), a non-RPC server on the RPC port; every other address silent.
 Scans run in ns A as separate processes (`ip netns exec`), so they never touch the real network.
@@ -28,7 +28,7 @@ from corral.net import neighbours as nb
 from corral.net.pacing import NeighbourPacer
 from corral.sources import scan as sc
 from corral.types import ProbeResult, Status
-from tests.netns import (
+from tests.support.netns import (
     BENCH_NET,
     Lan,
     can_build_lan,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from corral.rpc.probe import Prober
 from corral.types import Status
-from tests.conftest import StartRpc
+from tests.support.rpc_backends import StartRpc
 
 
 async def test_real_backend_is_ready(rpc_server: StartRpc) -> None:

@@ -18,8 +18,8 @@ from corral.llama.processes import (
 from corral.rpc.probe import Prober
 from corral.sources.process import ProcessSource
 from corral.types import SourceName, Status
-from tests.conftest import StartRpc
-from tests.llama_server import running_llama_server
+from tests.support.llama_server import running_llama_server
+from tests.support.rpc_backends import StartRpc
 
 A, B, C = Endpoint("10.0.0.1", 50052), Endpoint("10.0.0.2", 50053), Endpoint("::1", 50054)
 SERVER = "/opt/llama/bin/llama-server"

@@ -1,4 +1,10 @@
-"""The Redis store against a real redis-server: poisoned keys, TTLs, legacy metadata, pub/sub."""
+"""The Redis store against a real redis-server: poisoned keys, TTLs, legacy metadata, pub/sub.
+
+Poison and keys of the wrong type are dropped with a warning and never fatal; every key is under
+the prefix and has a TTL (a node's counted from its last heartbeat, by the store's clock); the
+legacy metadata goes through the endpoint gate; other instances hear changes; a server that is
+gone raises at once.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,10 @@ from corral.endpoint import Endpoint
 from corral.store import codec
 from corral.store.base import Change, Event, EventKind
 from corral.store.redis import LEGACY_KEY, RedisStore
-from tests.redis_server import RedisServer
-from tests.redis_server import redis_server as redis_server  # fixture
-from tests.test_store_codec import EP, backend, coordinator, event, node
+from tests.support.clock import FakeClock
+from tests.support.records import EP, backend, coordinator, event, node
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs
 
@@ -91,23 +98,34 @@ async def test_keys_of_the_wrong_type_are_reported_not_fatal(store: RedisStore, 
     assert sum("replaced" in w for w in store.warnings) == 2
 
 
-async def test_every_key_is_under_the_prefix_and_expires(store: RedisStore, raw: Redis) -> None:
-    beat = 0.2
-    await store.register_node(node(heartbeat_s=beat, last_heartbeat=time.time()))
-    await store.put_backends([backend()])
-    await store.set_coordinator(coordinator())
-    await store.add_event(event())
-    keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await raw.keys("*"))
-    assert keys == [
-        "corral:backends",
-        "corral:coordinator",
-        "corral:events",
-        f"corral:node:{node().node_id}",
-    ]
-    for key in keys:
-        assert await raw.pttl(key) > 0, key
-    # A node's key expires by itself after three heartbeats: nobody has to clean up ghosts.
-    assert 0 < await raw.pttl(f"corral:node:{node().node_id}") <= 3 * beat * 1000
+async def test_every_key_is_under_the_prefix_and_expires(
+    redis_server: RedisServer, raw: Redis
+) -> None:
+    clock = FakeClock()
+    store = RedisStore(redis_server.url, clock=clock)
+    beat = 100.0
+    node_key = f"corral:node:{node().node_id}"
+    try:
+        # Its last heartbeat was two beats ago: one more beat and it is gone.
+        await store.register_node(node(heartbeat_s=beat, last_heartbeat=clock() - 2 * beat))
+        await store.put_backends([backend()])
+        await store.set_coordinator(coordinator())
+        await store.add_event(event())
+        keys = sorted(k.decode() if isinstance(k, bytes) else k for k in await raw.keys("*"))
+        assert keys == ["corral:backends", "corral:coordinator", "corral:events", node_key]
+        for key in keys:
+            assert await raw.pttl(key) > 0, key
+        # The TTL counts from the last heartbeat, not from the write: one beat is left.
+        assert 0 < await raw.pttl(node_key) <= beat * 1000
+        # And Redis drops the key by itself when it runs out: nobody has to clean up ghosts.
+        await store.register_node(node(heartbeat_s=0.1, last_heartbeat=clock() - 0.25))
+        await until(lambda: _gone(raw, node_key), 5, f"{node_key} expiring")
+    finally:
+        await store.close()
+
+
+async def _gone(raw: Redis, key: str) -> bool:
+    return not await raw.exists(key)
 
 
 async def test_legacy_metadata_through_the_gate(store: RedisStore, raw: Redis) -> None:
@@ -130,12 +148,12 @@ async def test_legacy_metadata_through_the_gate(store: RedisStore, raw: Redis) -
     assert len(store.warnings) == 2
     assert all(f"key {LEGACY_KEY}: rpc_backends[" in w for w in store.warnings)
 
-    store.warnings.clear()
+    store.take_warnings()
     await raw.set(LEGACY_KEY, "{junk")
     assert await store.legacy_backends() == []
     assert "not JSON" in store.warnings[0]
 
-    store.warnings.clear()
+    store.take_warnings()
     await raw.delete(LEGACY_KEY)
     await raw.rpush(LEGACY_KEY, "x")
     assert await store.legacy_backends() == []

@@ -1,4 +1,10 @@
-"""Redis outages with a real server stopped and restarted; the factory's choice of store."""
+"""Redis outages with a real server stopped and restarted; the factory's choice of store.
+
+During an outage the store keeps working from the embedded file, warns once (however many
+rounds its monitor tries), and local subscribers still hear changes; when Redis is back it
+catches up (removals applied, newer remote records kept, no trust in clocks that differ) and
+other machines' changes reach our subscribers again.
+"""
 
 from __future__ import annotations
 
@@ -17,32 +23,38 @@ from corral.store.factory import open_store, redis_url_from
 from corral.store.redis import RedisStore
 from corral.store.resilient import ResilientStore
 from corral.store.sqlite import EmbeddedStore
-from tests.redis_server import RedisServer
-from tests.redis_server import redis_server as redis_server  # fixture
-from tests.test_store_codec import EP, EP6, backend, coordinator, node
+from tests.support.records import EP, EP6, backend, coordinator, node
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import until
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs
 
 OTHER = Endpoint("10.7.7.7", 50052)
 
 
-async def eventually(check: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+class CountedRedisStore(RedisStore):
+    """A RedisStore that counts its pings: each is one round of the store's monitor."""
+
+    pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        await super().ping()
 
 
-async def drain(sub: Subscription, seconds: float = 2.0) -> list[Change]:
-    """What arrives until 0.2 s of quiet (at most `seconds`, so a chatty bug cannot hang us)."""
-    got: list[Change] = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            got.append(await asyncio.wait_for(anext(sub), 0.2))
-        except TimeoutError:
-            break
-    return got
+async def hear(sub: Subscription, wanted: Callable[[Change], bool], what: str) -> Change:
+    """The first change `wanted` accepts (others are passed over), within a bound."""
+
+    async def first() -> Change:
+        async for change in sub:
+            if wanted(change):
+                return change
+        raise AssertionError(f"subscription ended before {what}")
+
+    try:
+        return await asyncio.wait_for(first(), 5)
+    except TimeoutError:
+        raise AssertionError(f"no change within 5 s: {what}") from None
 
 
 @pytest.fixture
@@ -59,9 +71,21 @@ async def observe(server: RedisServer) -> RedisStore:
 
 
 async def test_outage_keeps_working_then_catches_up(
-    resilient: ResilientStore, redis_server: RedisServer
+    redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    store = resilient
+    redis = CountedRedisStore(redis_server.url)
+    store = await ResilientStore.open(
+        await EmbeddedStore.open(tmp_path / "state.db"), redis, retry_s=0.1
+    )
+    try:
+        await _outage_and_catch_up(store, redis, redis_server)
+    finally:
+        await store.close()
+
+
+async def _outage_and_catch_up(
+    store: ResilientStore, redis: CountedRedisStore, redis_server: RedisServer
+) -> None:
     assert store.redis_up
     sub = await store.subscribe()
     await store.put_backends([backend(EP, last_seen=time.time())])
@@ -77,16 +101,18 @@ async def test_outage_keeps_working_then_catches_up(
     assert [r.endpoint for r in await store.backends()] == [EP, EP6]  # from the embedded store
     assert await store.coordinator() == coordinator()
     assert await store.live_nodes() == [reg]
-    assert Change("coordinator") in await drain(sub)  # local subscribers still hear changes
+    # Local subscribers still hear changes.
+    await hear(sub, lambda c: c == Change("coordinator"), "the coordinator change")
 
-    await asyncio.sleep(0.4)  # several monitor rounds against a dead server
+    rounds = redis.pings
+    await until(lambda: redis.pings >= rounds + 3, 5, "three monitor rounds against a dead server")
     warned = [e for e in await store.events() if e.kind is EventKind.WARNING]
     assert len(warned) == 1 and "unreachable" in warned[0].message
     assert [w for w in store.warnings if "unreachable" in w] == [warned[0].message]
     assert redis_server.url.split("/")[2] in warned[0].message
 
     await asyncio.to_thread(redis_server.start)  # back, and empty: no persistence
-    await eventually(lambda: store.redis_up)
+    await until(lambda: store.redis_up, 5, "the store seeing redis back")
     other = await observe(redis_server)
     try:
         assert [r.endpoint for r in await other.backends()] == [EP, EP6]
@@ -99,17 +125,24 @@ async def test_outage_keeps_working_then_catches_up(
             EventKind.STORE_CAUGHT_UP,
         ]
 
-        # Reads come from Redis again, and other machines' changes reach our subscribers.
-        await drain(sub)
+        # Reads come from Redis again ...
         await other.put_backends([backend(OTHER, last_seen=time.time())])
         assert OTHER in [r.endpoint for r in await store.backends()]
-        heard: list[Change] = []
-        for _ in range(20):  # the remote subscription comes back within a retry period
-            await other.put_backends([backend(OTHER, last_seen=time.time())])
-            heard = await drain(sub)
-            if heard:
-                break
-        assert Change("backends") in heard
+        # ... and other machines' changes reach our subscribers, once the remote subscription
+        # is back (within a retry period). Their event is theirs alone: no local echo matches.
+        theirs = Event(EventKind.WARNING, "from another machine", None, time.time())
+
+        async def heard_theirs() -> bool:
+            await other.add_event(theirs)
+            try:
+                await asyncio.wait_for(
+                    hear(sub, lambda c: c.event == theirs, "the other machine's event"), 0.5
+                )
+            except TimeoutError:
+                return False
+            return True
+
+        await until(heard_theirs, 10, "another machine's change reaching our subscriber")
     finally:
         await other.close()
 
@@ -131,7 +164,7 @@ async def test_catch_up_applies_removals_and_keeps_newer_remote_records(
     await store.put_backends([backend(EP, last_seen=t0 + 10, version="ours")])
     await store.put_backends([backend(OTHER, last_seen=t0 + 50, version="ours, older")])
     await asyncio.to_thread(redis_server.start)
-    await eventually(lambda: store.redis_up)
+    await until(lambda: store.redis_up, 5, "the store seeing redis back")
 
     other = await observe(redis_server)
     try:
@@ -163,7 +196,7 @@ async def test_catch_up_does_not_trust_clocks_that_differ(
     await store.add_event(during)
     await store.put_backends([backend(EP, last_seen=t0 + 2, version="ours, during")])
     await asyncio.to_thread(redis_server.start)
-    await eventually(lambda: store.redis_up)
+    await until(lambda: store.redis_up, 5, "the store seeing redis back")
 
     other = await observe(redis_server)
     try:
@@ -186,7 +219,7 @@ async def test_redis_down_at_start_then_up(tmp_path: Path) -> None:
         await store.put_backends([backend(EP, last_seen=time.time())])
         assert [r.endpoint for r in await store.backends()] == [EP]
         await asyncio.to_thread(server.start)
-        await eventually(lambda: store.redis_up)
+        await until(lambda: store.redis_up, 5, "the store seeing redis back")
         other = await observe(server)
         assert [r.endpoint for r in await other.backends()] == [EP]
         await other.close()

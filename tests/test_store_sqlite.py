@@ -1,10 +1,15 @@
-"""The embedded store: restart persistence, corrupted files, poisoned rows, a free event loop."""
+"""The embedded store: restart persistence, corrupted files, poisoned rows, a free event loop.
+
+Also: a node expires exactly three heartbeats after its last one, by the store's clock (held by
+the test), and warnings are delivered once to whoever takes them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +20,8 @@ from corral.endpoint import Endpoint
 from corral.store import codec
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Status
-from tests.test_store_codec import EP, EP6, backend, coordinator, event, node
+from tests.support.clock import FakeClock
+from tests.support.records import EP, EP6, backend, coordinator, event, node
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs
 
@@ -144,27 +150,44 @@ async def test_poisoned_rows_are_dropped_with_warnings_good_rows_survive(tmp_pat
 
 
 async def test_sqlite_work_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    """The store's SQLite work waits on something only the event loop can do: were it run on
+    the loop, the loop could never do it, and the work would give up."""
     store = await EmbeddedStore.open(tmp_path / "state.db")
-    ticks = 0
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+    gate = threading.Event()
 
-    async def tick() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
+    def work(conn: sqlite3.Connection) -> bool:
+        loop.call_soon_threadsafe(started.set_result, None)
+        return gate.wait(10)  # False: nobody opened it
 
-    ticker = asyncio.create_task(tick())
-    slow = (
-        "WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE i < 2000000) "
-        "SELECT count(*) FROM r"
-    )
-    started = time.monotonic()
-    await store._call(lambda conn: conn.execute(slow).fetchone())
-    elapsed = time.monotonic() - started
-    ticker.cancel()
-    await store.close()
-    assert elapsed > 0.05, "the query was meant to be slow"
-    assert ticks >= elapsed / 0.005 / 4  # the loop kept running while SQLite worked
+    async def open_gate() -> None:
+        await started
+        gate.set()
+
+    opener = asyncio.ensure_future(open_gate())
+    try:
+        assert await store._call(work), "the store's work ran on the event loop and blocked it"
+    finally:
+        opener.cancel()
+        await store.close()
+
+
+async def test_a_node_expires_three_heartbeats_after_its_last_one(tmp_path: Path) -> None:
+    clock = FakeClock()
+    store = await EmbeddedStore.open(tmp_path / "state.db", clock=clock)
+    try:
+        await store.register_node(node(heartbeat_s=0.5, last_heartbeat=clock()))
+        clock.advance(1.5 - 0.001)
+        assert [r.node_id for r in await store.live_nodes()] == [node().node_id]
+        clock.advance(0.001)  # exactly three heartbeats since the last
+        assert await store.live_nodes() == []
+        # A heartbeat stamped later than now (a clock ahead of ours) expires as if sent now.
+        await store.register_node(node(heartbeat_s=0.5, last_heartbeat=clock() + 60))
+        clock.advance(1.5)
+        assert await store.live_nodes() == []
+    finally:
+        await store.close()
 
 
 async def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path: Path) -> None:
@@ -181,3 +204,18 @@ async def test_processes_opening_a_new_database_at_once_all_get_it(tmp_path: Pat
         finally:
             for store in stores:
                 await store.close()
+
+
+async def test_warnings_are_delivered_once_to_the_caller_that_takes_them(tmp_path: Path) -> None:
+    """Two consumers (the registry and cache sources, say) never both show one warning, and a
+    warning taken is gone: nothing to clear by hand in a shared list."""
+    path = tmp_path / "state.db"
+    path.write_bytes(b"this is not a database")
+    store = await EmbeddedStore.open(path)
+    try:
+        first = store.take_warnings()
+        assert len(first) == 1 and "moved aside" in first[0]
+        assert store.take_warnings() == []
+        assert store.shared_reachable() is None and await store.legacy_backends() == []
+    finally:
+        await store.close()

@@ -1,4 +1,10 @@
-"""The dashboard API against a real uvicorn socket, a real EmbeddedStore and real backends."""
+"""The dashboard API against a real uvicorn socket, a real EmbeddedStore and real backends.
+
+It lists backends in the `corral backends --json` contract, streams changes as they happen,
+exports Prometheus metrics, takes node heartbeats, and acts (rescan, coordinator restart, /v1)
+only with the token and a good body: a refused request changes nothing and starts nothing. It
+binds publicly only with a token, and on loopback answers only to the machine's own names.
+"""
 
 from __future__ import annotations
 
@@ -17,35 +23,33 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
+from corral.node.heartbeat import HeartbeatRefused, post_heartbeat
 from corral.store.base import BackendRecord, Event, EventKind, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Backend, CoordinatorState, Device, ProbeResult, Status
-from corral.web import (
-    CoordinatorStatus,
-    HeartbeatRefused,
-    InsecureBindError,
-    check_bind,
-    create_app,
-    post_heartbeat,
-    serve,
-)
+from corral.web.app import create_app
+from corral.web.control import CoordinatorStatus
+from corral.web.routes.context import app_context
 from corral.web.security import (
+    InsecureBindError,
     Refusal,
+    check_bind,
     check_host,
     host_name,
     is_loopback_host,
     machine_names,
 )
-from tests.conftest import StartRpc
-from tests.test_web_helpers import (
+from corral.web.server import serve
+from tests.support.dashboard import (
     AUTH,
     TOKEN,
     LlamaController,
     ProbeLoop,
     running_dashboard,
     sse_events,
-    wait_for,
 )
+from tests.support.rpc_backends import StartRpc
+from tests.support.waiting import until
 
 CONTRACT_KEYS = set(Backend(Endpoint("127.0.0.1", 1)).to_json()) | {"last_seen", "in_use"}
 
@@ -64,27 +68,35 @@ async def test_backends_list_real_probes_in_the_json_contract(
     rpc_server: StartRpc, tmp_path: Path
 ) -> None:
     (a, _), (b, _) = await rpc_server(), await rpc_server()
-    async with (
-        running_dashboard(tmp_path) as dash,
-        ProbeLoop(dash.store, [a, b]),
-        client(dash.base) as c,
-    ):
+    async with running_dashboard(tmp_path) as dash, client(dash.base) as c:
 
         async def both_there() -> bool:
             return set(await backends_by_endpoint(c)) == {str(a), str(b)}
 
-        await wait_for(both_there, 5, "both backends in the API")
-        seen = await backends_by_endpoint(c)
+        async with ProbeLoop(dash.store, [a, b]):
+            await until(both_there, 5, "both backends in the API")
+        # The probes have stopped, so the store holds one last round; the API must show it.
         stored = {str(r.endpoint): r for r in await dash.store.backends()}
-        for ep, item in seen.items():
-            assert set(item) == CONTRACT_KEYS
-            rec = stored[ep]
+        expected = {}
+        for ep, rec in stored.items():
             # Exactly the `corral backends --json` object for the same data, plus two keys.
             probe = ProbeResult(
                 rec.endpoint, rec.status, rec.version, rec.devices, rec.latency_ms, rec.error
             )
-            expected = Backend(rec.endpoint, list(rec.sources), probe).to_json()
-            assert {k: v for k, v in item.items() if k not in ("last_seen", "in_use")} == expected
+            expected[ep] = Backend(rec.endpoint, list(rec.sources), probe).to_json()
+        seen: dict[str, dict[str, Any]] = {}
+
+        async def shows_the_store() -> bool:
+            seen.update(await backends_by_endpoint(c))
+            plain = {
+                ep: {k: v for k, v in item.items() if k not in ("last_seen", "in_use")}
+                for ep, item in seen.items()
+            }
+            return plain == expected
+
+        await until(shows_the_store, 5, "the API showing the store's last round")
+        for item in seen.values():
+            assert set(item) == CONTRACT_KEYS
             assert item["status"] == "ready"
             assert item["version"] == "7.0.0"
             assert item["devices"] and item["devices"][0]["total_bytes"] > 0
@@ -146,7 +158,7 @@ async def test_prometheus_metrics_parse_with_a_series_per_backend(
         async def both() -> bool:
             return len(await backends_by_endpoint(c)) == 2
 
-        await wait_for(both, 5, "two backends")
+        await until(both, 5, "two backends")
         r = await c.get("/metrics")
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/plain")
@@ -192,13 +204,13 @@ async def test_cached_backends_follow_store_notifications(tmp_path: Path) -> Non
                 got = await backends_by_endpoint(c)
                 return got.get(str(ep), {}).get("status") == str(status)
 
-            await wait_for(shows, 2, f"{status} in /api/rpc_backends")
+            await until(shows, 2, f"{status} in /api/rpc_backends")
         await dash.store.remove_backend(ep)
 
         async def gone() -> bool:
             return await backends_by_endpoint(c) == {}
 
-        await wait_for(gone, 2, "the removed backend gone from /api/rpc_backends")
+        await until(gone, 2, "the removed backend gone from /api/rpc_backends")
 
 
 async def test_events_most_recent_last_with_limit(tmp_path: Path) -> None:
@@ -244,7 +256,7 @@ async def test_heartbeat_over_http_registers_the_node(tmp_path: Path) -> None:
             async def counted() -> bool:
                 return bool((await c.get("/api/metrics")).json()["nodes_live"] == 1)
 
-            await wait_for(counted, 5, "the node counted in /api/metrics")
+            await until(counted, 5, "the node counted in /api/metrics")
 
 
 def _fields(reg: NodeRegistration) -> dict[str, Any]:
@@ -380,7 +392,11 @@ async def test_refused_requests_change_nothing(tmp_path: Path) -> None:
         # Other methods that could act are guarded the same way.
         assert (await c.put("/api/rescan", headers=wrong)).status_code == 401
         assert (await c.delete("/api/rescan")).status_code == 401
-        await asyncio.sleep(0.3)  # anything a refused request had started would show by now
+        # Nothing was started in the background either: an accepted action spawns its job before
+        # it answers, so by now any job a refused request had begun would be listed.
+        ctx = app_context(dash.app)
+        assert not ctx.jobs.tasks and not ctx.jobs.restarting
+        assert ctx.figures.scans_requested == 0
         assert await _state(dash) == before
 
         # ... while the same requests with the token and a good body do act.
@@ -417,7 +433,7 @@ async def test_rescan_runs_the_callback_and_is_counted(tmp_path: Path) -> None:
             m = (await c.get("/api/metrics")).json()
             return bool(m["scans"]["completed"] == 1)
 
-        await wait_for(done, 5, "the rescan to complete")
+        await until(done, 5, "the rescan to complete")
         assert len(dash.rescans) == 1
     async with running_dashboard(tmp_path / "2", with_rescan=False) as dash, client(dash.base) as c:
         r = await c.post("/api/rescan", headers=AUTH)
@@ -460,7 +476,7 @@ async def _coordinator_checks(
             and got.get(str(idle), {}).get("in_use") is False
         )
 
-    await wait_for(marked, 5, "in_use on the backend the coordinator uses")
+    await until(marked, 5, "in_use on the backend the coordinator uses")
     got = await backends_by_endpoint(c)
     assert got[str(used)]["status"] == "busy"  # llama-server holds it
     assert got[str(idle)]["status"] == "ready"
@@ -502,7 +518,7 @@ async def _coordinator_checks(
         co = (await c.get("/api/coordinator")).json()
         return bool(co["restarts"] == 1 and co["state"] == "serving")
 
-    await wait_for(restarted, 20, "the coordinator to restart")
+    await until(restarted, 20, "the coordinator to restart")
     co = (await c.get("/api/coordinator")).json()
     assert co["pid"] != old_pid and co["last_reason"] == "test says so"
 
@@ -523,6 +539,7 @@ async def test_without_coordinator_restart_is_409_and_v1_is_503(tmp_path: Path) 
         co = (await c.get("/api/coordinator")).json()
         assert co == {
             "state": "stopped",
+            "tone": "idle",
             "pid": None,
             "port": None,
             "model": None,
@@ -623,7 +640,7 @@ async def test_a_rebound_name_cannot_read_or_act_on_a_loopback_dashboard(tmp_pat
         async def listed() -> bool:
             return len(await backends_by_endpoint(c)) == 1
 
-        await wait_for(listed, 2, "the backend in /api/rpc_backends")
+        await until(listed, 2, "the backend in /api/rpc_backends")
         port = dash.base.rsplit(":", 1)[1]
         foreign = {"Host": f"rebind.example:{port}"}
         for path in ("/", "/api/rpc_backends", "/api/events", "/metrics"):
@@ -641,7 +658,7 @@ async def test_a_rebound_name_cannot_read_or_act_on_a_loopback_dashboard(tmp_pat
         async def one_scan() -> bool:
             return bool((await c.get("/api/metrics")).json()["scans"]["completed"] == 1)
 
-        await wait_for(one_scan, 5, "the one allowed rescan to complete")
+        await until(one_scan, 5, "the one allowed rescan to complete")
         assert len(dash.rescans) == 1  # the refused one never ran
 
 

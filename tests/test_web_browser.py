@@ -25,8 +25,9 @@ from corral.llama.binaries import LlamaBinaries
 from corral.store.base import BackendRecord
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Status
-from tests.conftest import StartRpc
-from tests.test_web_helpers import TOKEN, LlamaController, ProbeLoop, running_dashboard, wait_for
+from tests.support.dashboard import TOKEN, LlamaController, ProbeLoop, running_dashboard
+from tests.support.rpc_backends import StartRpc
+from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -152,7 +153,7 @@ async def test_page_lists_backends_follows_a_death_live_and_answers_a_prompt(
                 recs = {r.endpoint: r for r in await store.backends()}
                 return recs[doomed].status is Status.OFFLINE
 
-            await wait_for(store_says_offline, 10, "the store to say offline")
+            await until(store_says_offline, 10, "the store to say offline")
             await page.wait_for_selector(f'{row(doomed)}[data-status="offline"]', timeout=5000)
             badge = doomed_row.locator('[data-role="status"]')
             assert await badge.text_content() == "offline"

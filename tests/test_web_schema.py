@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import StartRpc
-from tests.test_web_helpers import TOKEN, ProbeLoop, running_dashboard
+from tests.support.dashboard import TOKEN, ProbeLoop, running_dashboard
+from tests.support.rpc_backends import StartRpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +32,7 @@ async def test_schemathesis_finds_no_failures(rpc_server: StartRpc, tmp_path: Pa
     async with running_dashboard(tmp_path) as dash, ProbeLoop(dash.store, [ep]):
         env = {
             **os.environ,
-            "SCHEMATHESIS_HOOKS": "tests.test_web_st_hooks",
+            "SCHEMATHESIS_HOOKS": "tests.support.schemathesis_hooks",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             "NO_COLOR": "1",
         }

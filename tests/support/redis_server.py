@@ -1,6 +1,6 @@
 """A real redis-server for tests: loopback only, no persistence, started and stopped by PID.
 
-Use the `redis_server` fixture (import it into the test module). `stop()` and `start()` let a
+Tests get one from the `redis_server` fixture (tests/conftest.py). `stop()` and `start()` let a
 test take the server away and bring it back on the same port, empty, as after a crash.
 """
 
@@ -12,19 +12,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.support.loopback import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 HOST = "127.0.0.1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def _pings(port: int) -> bool:
@@ -39,7 +32,7 @@ def _pings(port: int) -> bool:
 class RedisServer:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.port = _free_port()
+        self.port = free_port(HOST)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -77,19 +70,3 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if not os.access(REDIS_SERVER, os.X_OK):
-        if os.environ.get("CI"):
-            pytest.fail(f"CI needs {REDIS_SERVER}")
-        pytest.skip(f"{REDIS_SERVER} not installed")
-    workdir = tmp_path / "redis"
-    workdir.mkdir()
-    server = RedisServer(workdir)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for test_web_schema.py, loaded through SCHEMATHESIS_HOOKS (no tests here).
+"""Schemathesis hooks for test_web_schema.py, loaded in its process through SCHEMATHESIS_HOOKS.
 
 The heartbeat's `endpoint` has `format: corral-endpoint`: Corral's endpoint gate, which no JSON
 Schema pattern can state (placeholders, port ranges, address rules). This strategy makes only
@@ -24,7 +24,7 @@ _endpoint = st.tuples(st.one_of(_ipv4, _names, _ipv6), st.integers(1, 65535)).ma
     lambda t: f"{t[0]}:{t[1]}"
 )
 
-# pytest collects this file too; without schemathesis there is nothing to register.
+# Imported by mypy and ruff too; without schemathesis there is nothing to register.
 if importlib.util.find_spec("schemathesis") is not None:
     import schemathesis
 

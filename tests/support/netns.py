@@ -13,11 +13,12 @@ listener refuses, and a server bound to an address answers there.
 - `start_in()` starts a process inside a namespace through the supervisor (stopped by PID, dies
   with its parent). Processes must be stopped before the LAN is deleted.
 - Run as a script it is the small helper processes the tests put inside the namespaces:
-    python3 tests/netns.py hold HOST PORT      connect, HELLO, keep the backend busy until killed
-    python3 tests/netns.py banner HOST PORT    a TCP server that answers with an HTTP line
-    python3 tests/netns.py scan --cidr C [--repeat N] [...]   scans, one JSON line per scan
-    python3 tests/netns.py http METHOD URL [--token T] [--json BODY] [--host H]
-                                               one request, one JSON line: status and body
+    hold HOST PORT        connect, HELLO, keep the backend busy until killed
+    banner HOST PORT      a TCP server that answers with an HTTP line
+    scan --cidr C [--repeat N] [...]   scans, one JSON line per scan
+    http METHOD URL [--token T] [--json BODY] [--host H]
+                          one request, one JSON line: status and body
+  as `python3 tests/support/netns.py COMMAND ...` (`helper_argv()` builds that command line).
 Needs root (ip netns) for the LAN; the helpers themselves need nothing.
 """
 
@@ -385,7 +386,7 @@ def http(args: argparse.Namespace) -> None:
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="tests/netns.py", description="Test LAN helpers.")
+    parser = argparse.ArgumentParser(prog="tests/support/netns.py", description="Test LAN helpers.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("hold", "banner"):
         one = sub.add_parser(name)

@@ -1,4 +1,4 @@
-"""Pieces the dashboard tests share (no tests here).
+"""What the dashboard tests run the dashboard with.
 
 - `running_dashboard`: the real app on a real uvicorn socket on loopback, over a real
   EmbeddedStore.
@@ -31,8 +31,11 @@ from corral.rpc.probe import Prober
 from corral.store.base import BackendRecord, CoordinatorRecord, Event, EventKind
 from corral.store.sqlite import EmbeddedStore
 from corral.types import CoordinatorState, SourceName, Status
-from corral.web import CoordinatorControl, CoordinatorStatus, Rescan, create_app, serve
-from tests.conftest import free_port
+from corral.web.app import create_app
+from corral.web.control import CoordinatorControl, CoordinatorStatus, Rescan
+from corral.web.server import serve
+from tests.support.loopback import free_port
+from tests.support.waiting import until
 
 TOKEN = "test-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -192,19 +195,21 @@ class LlamaController:
             str(self.port),
         ]
         self.state = CoordinatorState.STARTING
-        self.child = Child(argv, self.log_dir / f"llama-server-{self.port}.log")
-        await self.child.start()
+        child = self.child = Child(argv, self.log_dir / f"llama-server-{self.port}.log")
+        await child.start()
         async with httpx.AsyncClient(trust_env=False) as client:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                if self.child.returncode is not None:
-                    raise AssertionError(f"llama-server died: {self.child.log_tail()}")
+
+            async def ready() -> bool:
+                if child.returncode is not None:
+                    raise AssertionError(f"llama-server exited {child.returncode}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{self.base_url}/health")).status_code == 200:
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError(f"llama-server never ready: {self.child.log_tail()}")
+                    return (await client.get(f"{self.base_url}/health")).status_code == 200
+                return False
+
+            try:
+                await until(ready, 20, "llama-server /health 200")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {child.log_tail()}") from None
         self.state = CoordinatorState.SERVING
         self.started_at = time.time()
         await self.publish()
@@ -266,12 +271,3 @@ async def sse_events(client: httpx.AsyncClient, url: str) -> AsyncIterator[tuple
                 if data:
                     yield name, json.loads(data)
                 name, data = "message", ""
-
-
-async def wait_for(predicate: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}")

@@ -15,7 +15,8 @@ from pathlib import Path
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.supervisor import Child
-from tests.conftest import free_port, next_loopback
+from tests.support.loopback import free_port, next_loopback
+from tests.support.waiting import until
 
 
 async def http_status(ep: Endpoint, path: str, limit: float = 1.0) -> int | None:
@@ -64,14 +65,16 @@ async def running_llama_server(
     child = Child(argv, log_dir / f"llama-server-{serve.port}.log", env=env)
     await child.start()
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while await http_status(serve, "/health") != 200:
+
+        async def healthy() -> bool:
             if child.returncode is not None:
-                raise AssertionError(f"llama-server exited {child.returncode}:\n{child.log_tail()}")
-            if loop.time() > deadline:
-                raise AssertionError(f"llama-server never healthy:\n{child.log_tail()}")
-            await asyncio.sleep(0.1)
+                raise AssertionError(f"llama-server exited {child.returncode}")
+            return await http_status(serve, "/health") == 200
+
+        try:
+            await until(healthy, 30, "llama-server /health 200")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{child.log_tail()}") from None
         yield child, serve
     finally:
         await child.stop(grace=5)

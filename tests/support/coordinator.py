@@ -1,4 +1,9 @@
-"""Run a real coordinator (real llama-server, real store) inside a test, and talk to it."""
+"""Run a real coordinator (real llama-server, real store) inside a test, and talk to it.
+
+`running()` runs the coordinator's Runner as a task of the test's own event loop, over a real
+EmbeddedStore; `Running` reads what it published (record, events) and waits for it, always with
+a bound. `chat`/`stream`/`health` speak to the llama-server it runs.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +20,19 @@ import httpx
 import psutil
 
 from corral.coordinator.candidates import Candidates
-from corral.coordinator.policy import PolicyConfig
+from corral.coordinator.policy import Action, Observation, PolicyConfig
 from corral.coordinator.publish import Publisher
 from corral.coordinator.runner import Runner, Timings
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.server import ServerOptions
 from corral.llama.split import parse_tensor_split
+from corral.rpc.held import HeldBackends
 from corral.rpc.probe import Prober
 from corral.store.base import CoordinatorRecord, Event, EventKind
 from corral.store.sqlite import EmbeddedStore
-from tests.conftest import free_port
+from tests.support.loopback import free_port
+from tests.support.waiting import until
 
 FAST = Timings(
     tick_s=0.05,
@@ -38,8 +45,41 @@ FAST = Timings(
 
 
 @dataclass
+class ObservedRunner(Runner):
+    """The real Runner, keeping a record of what it saw and did, in its own (monotonic) clock:
+
+    - `looks`: how many times it has observed and decided;
+    - `ready_log`: at each look, (when, the ready backends it does not hold -> ready since);
+    - `stops`: each stop, with the requests llama-server had in flight when it began.
+    """
+
+    looks: int = field(default=0, init=False)
+    ready_log: list[tuple[float, dict[Endpoint, float]]] = field(default_factory=list, init=False)
+    stops: list[tuple[Action, int | None]] = field(default_factory=list, init=False)
+
+    async def _observe(self) -> Observation:
+        obs = await super()._observe()
+        self.looks += 1
+        self.ready_log.append((obs.now, dict(self.memory.ready_since)))
+        return obs
+
+    async def _stop(self, action: Action) -> None:
+        in_flight = await self._http.in_flight() if self.server is not None else None
+        self.stops.append((action, in_flight))
+        await super()._stop(action)
+
+    def ready_runs(self, ep: Endpoint) -> list[tuple[float, float]]:
+        """Each unbroken run of `ep` being ready (and not held), as (since, last seen ready)."""
+        runs: dict[float, float] = {}
+        for now, since in self.ready_log:
+            if ep in since:
+                runs[since[ep]] = now
+        return sorted(runs.items())
+
+
+@dataclass
 class Running:
-    runner: Runner
+    runner: ObservedRunner
     store: EmbeddedStore
     task: asyncio.Task[None]
     stop: asyncio.Event
@@ -66,23 +106,56 @@ class Running:
     ) -> CoordinatorRecord:
         """Until the record says serving with exactly `backends` (and /health is ready)."""
         want = set(backends)
-        rec: CoordinatorRecord | None = None
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        last: list[CoordinatorRecord | None] = [None]
+
+        async def serving() -> bool:
             if self.task.done():
                 self.task.result()  # surface the coordinator's crash
                 raise AssertionError("coordinator stopped")
-            rec = await self.store.coordinator()
-            if (
+            rec = last[0] = await self.store.coordinator()
+            return (
                 rec is not None
                 and rec.state == "serving"
                 and set(rec.backends) == want
                 and rec.pid != other_than
                 and await health(self.url) == 200
-            ):
-                return rec
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"never served with {sorted(want)}; last record {rec}; {self.said}")
+            )
+
+        try:
+            await until(serving, seconds, f"serving with {sorted(want)}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last record {last[0]}; {self.said}") from None
+        assert last[0] is not None
+        return last[0]
+
+    async def wait_event(
+        self,
+        kind: EventKind,
+        seconds: float = 10.0,
+        where: Callable[[Event], bool] = lambda e: True,
+    ) -> Event:
+        """The latest event of `kind` (that `where` accepts), once the coordinator wrote one.
+
+        Reading the store once right after an action races the coordinator's own write; this
+        waits for it, and fails saying which event never came."""
+        found: list[Event] = []
+
+        async def written() -> bool:
+            found[:] = [e for e in await self.events(kind) if where(e)]
+            return bool(found)
+
+        try:
+            await until(written, seconds, f"a {kind} event")
+        except AssertionError as exc:
+            seen = [(e.kind, e.message) for e in await self.events()]
+            raise AssertionError(f"{exc}; events so far: {seen}") from None
+        return found[-1]
+
+    async def looks_pass(self, n: int, seconds: float = 10.0) -> None:
+        """Until the coordinator has looked (observed and decided) `n` more times: a window
+        measured in its own steps, not in seconds."""
+        target = self.runner.looks + n
+        await until(lambda: self.runner.looks >= target, seconds, f"{n} coordinator looks")
 
     async def pids(self) -> set[int]:
         """Every llama-server pid this coordinator started or adopted."""
@@ -101,26 +174,29 @@ async def running(
     timings: Timings = FAST,
     tensor_split: str | None = "1,1",
     parallel: int | None = 1,
+    clock: Callable[[], float] = time.time,
     **policy: Any,
 ) -> AsyncIterator[Running]:
     """A coordinator running as a task; on exit it is stopped and every llama-server it ran is
-    checked gone, by PID."""
+    checked gone, by PID. `clock` is the store's (node registrations expire by it)."""
     policy.setdefault("debounce_s", 1.0)
-    store = await EmbeddedStore.open(tmp_path / f"state-{time.monotonic_ns()}.db")
+    store = await EmbeddedStore.open(tmp_path / f"state-{time.monotonic_ns()}.db", clock=clock)
     said: list[str] = []
     warned: list[str] = []
     port = port or free_port("127.0.0.1")
-    runner = Runner(
+    held = HeldBackends()
+    runner = ObservedRunner(
         opts=ServerOptions(
             port=port, parallel=parallel, tensor_split=parse_tensor_split(tensor_split)
         ),
         model=model,
         llama_server=bins.llama_server,
-        candidates=Candidates(tuple(backends), store, Prober(timeout=1.0)),
+        candidates=Candidates(tuple(backends), store, Prober(timeout=1.0, held=held)),
         publish=Publisher(store, port, said.append, warned.append),
         log_path=tmp_path / f"llama-server-{port}.log",
         policy=PolicyConfig(**policy),
         timings=timings,
+        held=held,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
@@ -207,15 +283,3 @@ async def stream(
         out.error = "stream ended without a finish_reason"
     out.ended_at = time.monotonic()
     return out
-
-
-async def until(check: Callable[[], Any], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")

@@ -1,4 +1,10 @@
-"""What both stores promise, run against each: the embedded SQLite file and a real Redis."""
+"""What every store promises, run against each: the embedded SQLite file and a real Redis.
+
+Records round-trip; an upsert keeps first_seen; poison is never written; a node is live until
+three heartbeats have passed since its last one (by the store's clock, which the tests hold);
+events are bounded, most recent last; subscribers hear each change; a view written before a
+store was opened reads as stale until written again.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +19,12 @@ import pytest
 
 from corral.endpoint import Endpoint
 from corral.store import codec
-from corral.store.base import Change, Event, EventKind, Store
+from corral.store.base import Change, Event, EventKind, NodeRegistration, Store
 from corral.store.redis import RedisStore
 from corral.store.sqlite import EmbeddedStore
-from tests.redis_server import RedisServer
-from tests.redis_server import redis_server as redis_server  # fixture
-from tests.test_store_codec import EP, EP6, backend, coordinator, event, node
+from tests.support.clock import FakeClock
+from tests.support.records import EP, EP6, backend, coordinator, event, node
+from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.timeout(30)  # bounded even when something hangs
 
@@ -66,7 +72,7 @@ async def test_every_record_type_round_trips(make_store: MakeStore) -> None:
     for ev in evs:
         await store.add_event(ev)
     assert await store.events() == evs
-    assert store.warnings == []
+    assert store.take_warnings() == []
 
 
 async def test_upsert_keeps_first_seen_and_remove_forgets(make_store: MakeStore) -> None:
@@ -86,24 +92,31 @@ async def test_poison_is_never_written(make_store: MakeStore) -> None:
     assert await store.backends() == []  # all or nothing: the batch was refused
 
 
-async def test_node_gone_after_three_missed_heartbeats(make_store: MakeStore) -> None:
-    store = await make_store()
-    beat = 0.2
-    for _ in range(4):  # heartbeating keeps it alive past one TTL
-        await store.register_node(node(heartbeat_s=beat, last_heartbeat=time.time()))
-        await asyncio.sleep(beat)
+# Long heartbeats: Redis counts a key's TTL down in real time, so "still live" must leave it
+# minutes, not milliseconds. The store's clock (held still here) says how old each beat is.
+BEAT = 1000.0
+
+
+async def test_a_node_is_live_until_three_heartbeats_have_passed(make_store: MakeStore) -> None:
+    clock = FakeClock()
+    store = await make_store(clock=clock)
+
+    def beat(age: float) -> NodeRegistration:
+        return node(heartbeat_s=BEAT, last_heartbeat=clock() - age)
+
+    await store.register_node(beat(3 * BEAT - 10))  # two beats missed, and then some: live
     assert [r.node_id for r in await store.live_nodes()] == [node().node_id]
-    # Silence: one missed beat is not enough to drop it ...
-    await asyncio.sleep(0.1)
-    assert len(await store.live_nodes()) == 1
-    # ... three are (TTL = 0.6 s after the last beat, 0.2 s ago), with a little slack.
-    await asyncio.sleep(3 * beat - 0.2 + 0.15)
+    await store.register_node(beat(3 * BEAT))  # the third missed: gone
     assert await store.live_nodes() == []
+    # A beat stamped ahead of the store's clock (the node's clock runs fast) counts from now.
+    await store.register_node(beat(-10 * BEAT))
+    [reg] = await store.live_nodes()
+    assert reg.last_heartbeat == clock() + 10 * BEAT  # kept as sent; only its expiry is capped
 
 
 async def test_unregister_removes_at_once(make_store: MakeStore) -> None:
     store = await make_store()
-    await store.register_node(node(last_heartbeat=time.time(), heartbeat_s=30))
+    await store.register_node(node(last_heartbeat=time.time(), heartbeat_s=BEAT))
     await store.unregister_node(node().node_id)
     assert await store.live_nodes() == []
 
@@ -130,10 +143,11 @@ async def test_subscribers_hear_each_change(make_store: MakeStore) -> None:
 
 
 async def test_a_fresh_put_clears_stale(make_store: MakeStore) -> None:
-    first = await make_store()
+    clock = FakeClock()
+    first = await make_store(clock=clock)
     await first.put_backends([backend()])
-    await asyncio.sleep(0.01)
-    second = await make_store()  # another run (or machine) opened after that write
+    clock.advance(1.0)
+    second = await make_store(clock=clock)  # another run (or machine) opened after that write
     [seen] = await second.backends()
     assert seen.stale and seen == replace(backend(), stale=True)
     await second.put_backends([backend()])

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 from corral.endpoint import Endpoint
 from corral.rpc import protocol as p
-from tests.conftest import next_loopback
+from tests.support.loopback import next_loopback
+from tests.support.waiting import until
 
 HELLO_REQUEST_SIZE = 1 + 8 + p.CONN_CAPS_SIZE
 
@@ -87,10 +88,37 @@ Script = Callable[[Conn], Awaitable[None]]
 class FakeServer:
     endpoint: Endpoint
     conns: list[Conn]
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)  # one per connection
 
     @property
     def accepted(self) -> int:
         return len(self.conns)
+
+    async def settled(self, seconds: float = 5.0) -> None:
+        """Until every connection's script has finished: once the client went, the fake has
+        seen how (`Conn.ended`). Bounded, so a script that never ends fails the test."""
+        pending = [t for t in self.handlers if not t.done()]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=seconds)
+            assert not still, f"{len(still)} connection(s) to {self.endpoint} never ended"
+
+    async def accepted_before_ours(self, seconds: float = 5.0) -> int:
+        """Open a connection of our own and wait until the server accepts it; return how many
+        it accepted before ours. The listener accepts in order, so this is a barrier: whatever
+        a client started connecting before now has been counted once this returns."""
+        _, writer = await asyncio.open_connection(self.endpoint.host, self.endpoint.port)
+        ours = writer.get_extra_info("sockname")
+
+        def peers() -> list[object]:
+            return [c.writer.get_extra_info("peername") for c in self.conns]
+
+        try:
+            await until(lambda: ours in peers(), seconds, f"{self.endpoint} accepting us")
+            return peers().index(ours)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
 
 @contextlib.asynccontextmanager
@@ -121,7 +149,7 @@ async def fake_server(script: Script, host: str | None = None) -> AsyncIterator[
     server = await asyncio.start_server(handle, host, 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        yield FakeServer(Endpoint(host, port), conns)
+        yield FakeServer(Endpoint(host, port), conns, tasks)
     finally:
         server.close()
         for task in list(tasks):
