@@ -7,6 +7,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
 mypy
+lint-imports
 # pytest exits 5 when it collects no tests: that is a failure here, never a silent pass.
 set +e
 python -m pytest "$@"
