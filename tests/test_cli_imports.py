@@ -145,8 +145,8 @@ def test_a_command_named_first_runs_as_in_the_whole_app(name: str) -> None:
     from typer.testing import CliRunner
 
     runner = CliRunner()
-    narrow = app_module.make_app(name)
+    narrow, full = app_module.make_app(name), app_module.make_app()
     for args in ([name, "--help"], [name, "--no-such-option"]):
-        whole = runner.invoke(app_module.app, args, env={"COLUMNS": "120"})
+        whole = runner.invoke(full, args, env={"COLUMNS": "120"})
         alone = runner.invoke(narrow, args, env={"COLUMNS": "120"})
         assert (alone.exit_code, alone.output) == (whole.exit_code, whole.output), args

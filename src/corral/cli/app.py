@@ -9,30 +9,36 @@ when it runs (see corral.cli).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import importlib
 
 import typer
 
-from corral.cli import coordinator, demo, discover, llama, node, plane
-
 HELP = "Find, probe and keep serving distributed llama.cpp RPC backends."
 
-# In the order `corral --help` lists them: the commands, then the groups.
-COMMANDS: dict[str, Callable[..., Any]] = {
-    "probe": discover.probe,
-    "discover": discover.discover,
-    "backends": discover.backends,
-    "demo": demo.demo,
-    "node": node.node,
-    "dashboard": plane.dashboard,
-    "up": plane.up,
+# In the order `corral --help` lists them: the commands, then the groups, each as the module
+# that holds it and its name there. A module is imported only when its command is built.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "probe": ("corral.cli.discover", "probe"),
+    "discover": ("corral.cli.discover", "discover"),
+    "backends": ("corral.cli.discover", "backends"),
+    "demo": ("corral.cli.demo", "demo"),
+    "node": ("corral.cli.node", "node"),
+    "dashboard": ("corral.cli.plane", "dashboard"),
+    "up": ("corral.cli.plane", "up"),
 }
-GROUPS: dict[str, typer.Typer] = {
-    "llama": llama.llama_app,
-    "coordinator": coordinator.coordinator_app,
-    "model": llama.model_app,
+GROUPS: dict[str, tuple[str, str]] = {
+    "llama": ("corral.cli.llama", "llama_app"),
+    "coordinator": ("corral.cli.coordinator", "coordinator_app"),
+    "model": ("corral.cli.llama", "model_app"),
 }
+
+
+def _load(where: tuple[str, str]) -> typer.models.CommandFunctionType | typer.Typer:
+    module, name = where
+    loaded: typer.models.CommandFunctionType | typer.Typer = getattr(
+        importlib.import_module(module), name
+    )
+    return loaded
 
 
 def make_app(only: str | None = None) -> typer.Typer:
@@ -42,20 +48,21 @@ def make_app(only: str | None = None) -> typer.Typer:
     )
     if only is not None:
         made.callback()(_group)  # keeps it a group of one: `corral NAME ...`, not `corral ...`
-    for name, command in COMMANDS.items():
+    for name, where in COMMANDS.items():
         if only in (None, name):
+            command = _load(where)
+            assert not isinstance(command, typer.Typer)
             made.command(name)(command)
-    for name, group in GROUPS.items():
+    for name, where in GROUPS.items():
         if only in (None, name):
+            group = _load(where)
+            assert isinstance(group, typer.Typer)
             made.add_typer(group, name=name)
     return made
 
 
 def _group() -> None:
     pass
-
-
-app = make_app()
 
 
 def main() -> None:
@@ -66,9 +73,10 @@ def main() -> None:
     # set their own, timestamped format.
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # typer turns every registered command's signature into options before it parses anything;
-    # a command named first (the group itself has no options but --help) needs only its own.
+    # a command named first (the group itself has no options but --help) needs only its own
+    # module and signature.
     first = sys.argv[1] if len(sys.argv) > 1 else None
-    run = make_app(first) if first in COMMANDS or first in GROUPS else app
+    run = make_app(first if first in COMMANDS or first in GROUPS else None)
     try:
         run()
     except KeyboardInterrupt:
