@@ -60,6 +60,7 @@ async def test_probe_json_contract_ready_and_offline(
         "latency_ms": None,
         "sources": [],
         "error": "connection refused",
+        "names": [],
     }
 
 

@@ -28,7 +28,7 @@ from corral.endpoint import (
         ("[::1]:50052", "::1", 50052),
         ("[fe80::1]:50053", "fe80::1", 50053),
         ("[2001:DB8:0:0:0:0:0:1]:8", "2001:db8::1", 8),  # canonical (compressed, lower) form
-        ("[::ffff:10.0.0.1]:9", "::ffff:a00:1", 9),
+        ("[::ffff:10.0.0.1]:9", "10.0.0.1", 9),  # IPv4-mapped: one address, its IPv4 form
         ("gpu-node-1:50052", "gpu-node-1", 50052),
         ("GPU-Node-1.LAN:50052", "gpu-node-1.lan", 50052),  # names are case-insensitive
         ("node.example.org.:7", "node.example.org", 7),  # a trailing root dot is the same name
@@ -86,6 +86,11 @@ def test_valid_endpoints(text: str, host: str, port: int) -> None:
         ("224.0.0.251:5353", "multicast"),
         ("[ff02::1]:50052", "multicast"),
         ("255.255.255.255:50052", "broadcast"),
+        # IPv4-mapped IPv6 is its IPv4 address: the IPv4 rules apply to it, no way around them.
+        ("[::ffff:0.0.0.0]:50052", "unspecified address"),
+        ("[::ffff:255.255.255.255]:50052", "broadcast"),
+        ("[::ffff:224.0.0.1]:50052", "multicast"),
+        ("[fe80::1%eth0]:50052", "zone id"),
         ("300.1.2.3:50052", "looks like an IP address but is not a valid one"),
         ("127.1:50052", "looks like an IP address but is not a valid one"),
         ("010.0.0.1:50052", "looks like an IP address but is not a valid one"),

@@ -404,7 +404,17 @@ async def test_discover_json_contract_inside_the_namespace(small_lan: SmallLan) 
         [sys.executable, "-m", "corral", "discover", "--cidr", NET24, "--json"]
     )
     backends = json.loads(out[out.index("[") :])
-    keys = {"host", "port", "status", "version", "devices", "latency_ms", "sources", "error"}
+    keys = {
+        "host",
+        "port",
+        "status",
+        "version",
+        "devices",
+        "latency_ms",
+        "sources",
+        "error",
+        "names",
+    }
     assert all(set(b) == keys for b in backends)
     assert {b["host"]: b["status"] for b in backends} == EXPECTED
     for b in backends:

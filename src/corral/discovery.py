@@ -1,4 +1,7 @@
-"""The priority chain: run the sources, merge their sightings by endpoint, probe each once.
+"""The priority chain: run the sources, merge their sightings by backend, probe each once.
+
+- Two names of one backend (a host name and its address, say) are one backend: the address
+  each reaches decides (net.identity), so nothing probes or uses one rpc-server twice.
 
 - Every backend any source saw is listed, with all its sources and its live status, so the user
   sees the whole picture (a file entry that is offline, a scan hit nobody configured).
@@ -9,10 +12,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from corral.endpoint import Endpoint
+from corral.net.identity import identities
 from corral.rpc.probe import Prober
 from corral.sources.base import Source, SourceReport
 from corral.types import Backend, ProbeResult, SourceName, Status
@@ -28,30 +32,48 @@ class DiscoveryResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def merge(reports: Sequence[SourceReport]) -> list[Backend]:
-    """Pure: one Backend per endpoint, sources in report (priority) order, first seen first."""
-    by_endpoint: dict[Endpoint, Backend] = {}
+def merge(
+    reports: Sequence[SourceReport], identity: Mapping[Endpoint, Endpoint] | None = None
+) -> list[Backend]:
+    """Pure: one Backend per backend, sources in report (priority) order, first seen first.
+
+    `identity` maps each endpoint to the address it reaches (net.identity): endpoints that reach
+    one address are one backend, shown under the name seen first, its other names listed."""
+    same = identity or {}
+    by_key: dict[Endpoint, Backend] = {}
     for report in reports:
         for sighting in report.sightings:
-            backend = by_endpoint.setdefault(sighting.endpoint, Backend(sighting.endpoint))
+            ep = sighting.endpoint
+            backend = by_key.setdefault(same.get(ep, ep), Backend(ep))
+            if ep != backend.endpoint and ep not in backend.names:
+                backend.names.append(ep)
             if sighting.source not in backend.sources:
                 backend.sources.append(sighting.source)
-            probed = report.probes.get(str(sighting.endpoint))
+            probed = report.probes.get(str(ep))
             if probed is not None and backend.probe is None:
-                backend.probe = probed
-    return list(by_endpoint.values())
+                backend.probe = replace(probed, endpoint=backend.endpoint)
+    return list(by_key.values())
 
 
 def choose(
-    reports: Sequence[SourceReport], backends: list[Backend]
+    reports: Sequence[SourceReport],
+    backends: list[Backend],
+    identity: Mapping[Endpoint, Endpoint] | None = None,
 ) -> tuple[SourceName | None, list[Endpoint]]:
-    """Pure: the first source with a live backend decides; its live backends are the set."""
-    status = {b.endpoint: (b.probe.status if b.probe else None) for b in backends}
+    """Pure: the first source with a live backend decides; its live backends are the set, each
+    once, under the name it is listed by."""
+    same = identity or {}
+    listed = {same.get(b.endpoint, b.endpoint): b for b in backends}
     for report in reports:
-        live = [s.endpoint for s in report.sightings if status.get(s.endpoint) in LIVE]
+        named = [listed.get(same.get(s.endpoint, s.endpoint)) for s in report.sightings]
+        live = [b.endpoint for b in named if b is not None and _live(b)]
         if live:
             return report.source, list(dict.fromkeys(live))
     return None, []
+
+
+def _live(backend: Backend) -> bool:
+    return backend.probe is not None and backend.probe.status in LIVE
 
 
 @dataclass
@@ -61,14 +83,15 @@ class Discovery:
 
     async def run(self) -> DiscoveryResult:
         reports = await asyncio.gather(*(self._collect(s) for s in self.sources))
-        backends = merge(reports)
+        identity = await identities(s.endpoint for r in reports for s in r.sightings)
+        backends = merge(reports, identity)
         unprobed = [b for b in backends if b.probe is None]
         results: list[ProbeResult] = await asyncio.gather(
             *(self.prober.probe(b.endpoint) for b in unprobed)
         )
         for backend, result in zip(unprobed, results, strict=True):
             backend.probe = result
-        deciding, chosen = choose(reports, backends)
+        deciding, chosen = choose(reports, backends, identity)
         # The same bad entry may be read by two sources (cache and registry): say it once.
         warnings = list(dict.fromkeys(w for r in reports for w in r.warnings))
         return DiscoveryResult(backends, deciding, chosen, warnings)

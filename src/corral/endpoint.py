@@ -80,13 +80,25 @@ def _validate_port(raw: str, text: str, where: str | None) -> int:
 
 
 def validate_host(host: str, text: str, where: str | None = None) -> str:
-    """Return the canonical form of `host`, or raise EndpointError."""
+    """Return the canonical form of `host`, or raise EndpointError.
+
+    An IPv4-mapped IPv6 address (::ffff:a.b.c.d) is its IPv4 address, checked by the IPv4 rules.
+    """
     if not host:
         raise _fail("empty host", text, where)
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
         addr = None
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id is not None:
+            raise _fail(
+                "an IPv6 zone id names a link, not a backend llama-server can reach", text, where
+            )
+        if addr.ipv4_mapped is not None:
+            # One address, two spellings: the IPv4 form is the one every rule and every tool
+            # (llama-server's --rpc included) reads, so that is the one kept.
+            addr = addr.ipv4_mapped
     if addr is not None:
         if addr.is_unspecified:
             raise _fail("unspecified address is a placeholder, not a backend", text, where)

@@ -36,6 +36,7 @@ def next_record(
     sources: tuple[SourceName, ...] | None,
     in_use: bool,
     now: float,
+    names: tuple[Endpoint, ...] | None = None,
 ) -> BackendRecord:
     """Pure: the new view of one backend from the old one and a fresh observation."""
     return BackendRecord(
@@ -50,6 +51,7 @@ def next_record(
         last_seen=now if result.status in ANSWERED else (old.last_seen if old else now),
         in_use=in_use,
         client=old.client if old and in_use else None,
+        names=names if names is not None else (old.names if old else ()),
     )
 
 
@@ -180,11 +182,16 @@ class Monitor:
         for w in result.warnings:
             log.info("%s", w)  # the caller shows these; logged for long runs
         seen = {b.endpoint for b in result.backends}
+        # Another name of a listed backend (an older record under it): one backend, one record.
+        aliases = {n for b in result.backends for n in b.names}
         async with self._lock:
             await self._apply(result.backends, held)
             for ep in [e for e in self._view if e not in seen]:
                 old = self._view[ep]
-                if old.status is Status.OFFLINE and not old.in_use:
+                if ep in aliases and not old.in_use:
+                    del self._view[ep]
+                    await self.store.remove_backend(ep)
+                elif old.status is Status.OFFLINE and not old.in_use:
                     del self._view[ep]
                     await self.store.remove_backend(ep)
                     await self._event(
@@ -272,7 +279,8 @@ class Monitor:
                 continue
             old = self._view.get(b.endpoint)
             sources = None if keep_sources else tuple(b.sources)
-            new = next_record(old, b.probe, sources, b.endpoint in held, now)
+            names = None if keep_sources else tuple(b.names)
+            new = next_record(old, b.probe, sources, b.endpoint in held, now, names)
             if old is None or replace(old, last_seen=now) != replace(new, last_seen=now):
                 event = change_event(old, new)
                 if event is not None:

@@ -109,14 +109,25 @@ class Backend:
     endpoint: Endpoint
     sources: list[SourceName] = field(default_factory=list)
     probe: ProbeResult | None = None
+    # Other names of this backend (resolving to the same address and port), first seen first.
+    names: list[Endpoint] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The `--json` contract: exactly these keys, these types."""
         p = self.probe
         if p is None:
-            return contract_json(self.endpoint, Status.OFFLINE, sources=self.sources)
+            return contract_json(
+                self.endpoint, Status.OFFLINE, sources=self.sources, names=self.names
+            )
         return contract_json(
-            p.endpoint, p.status, p.version, p.devices, p.latency_ms, self.sources, p.error
+            self.endpoint,
+            p.status,
+            p.version,
+            p.devices,
+            p.latency_ms,
+            self.sources,
+            p.error,
+            self.names,
         )
 
 
@@ -128,6 +139,7 @@ def contract_json(
     latency_ms: float | None = None,
     sources: Sequence[SourceName] = (),
     error: str | None = "not probed",
+    names: Sequence[Endpoint] = (),
 ) -> dict[str, Any]:
     """One backend in the `--json` contract (and the API's items): exactly these keys."""
     return {
@@ -139,6 +151,7 @@ def contract_json(
         "latency_ms": round(latency_ms, 3) if latency_ms is not None else None,
         "sources": [str(s) for s in sources],
         "error": error,
+        "names": [str(n) for n in names],
     }
 
 

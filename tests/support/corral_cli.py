@@ -32,6 +32,7 @@ TYPES: dict[str, tuple[type, ...]] = {
     "latency_ms": (int, float, type(None)),
     "sources": (list,),
     "error": (str, type(None)),
+    "names": (list,),
 }
 
 

@@ -13,9 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from corral.endpoint import Endpoint
+from corral.llama.server import rpc_unusable
+from corral.net.identity import identities, one_per_backend
 from corral.rpc.probe import Prober
 from corral.store.base import NodeRegistration, Store
 from corral.types import ProbeResult, Status
@@ -56,12 +58,13 @@ class Candidates:
         except Exception as exc:  # keep serving on what we know; the store may come back
             log.warning("store unreadable, using known backends only: %s", exc)
             nodes, records = None, []
-        every = dict.fromkeys(
-            [*self.explicit, *also, *(r.endpoint for r in records), *(nodes or {})]
-        )
+        named = [*held, *self.explicit, *also, *(r.endpoint for r in records), *(nodes or {})]
+        # Two names of one backend are one candidate (the held name, else the first, wins):
+        # llama-server given both would open two connections to a one-client server.
+        every = one_per_backend(named, await identities(named))
         now = time.monotonic()
         todo = [e for e in every if e not in held and not self._resting(e, now)]
-        results = await asyncio.gather(*(self.prober.probe(e) for e in todo))
+        results = [_usable(r) for r in await asyncio.gather(*(self.prober.probe(e) for e in todo))]
         for r in results:
             if r.status is Status.BUSY:
                 self._busy_at[r.endpoint] = now
@@ -77,3 +80,11 @@ class Candidates:
     def _resting(self, endpoint: Endpoint, now: float) -> bool:
         seen = self._busy_at.get(endpoint)
         return seen is not None and now - seen < self.busy_reprobe_s
+
+
+def _usable(result: ProbeResult) -> ProbeResult:
+    """A ready backend llama-server cannot name in --rpc is incompatible with it, said why."""
+    why = rpc_unusable(result.endpoint)
+    if why is None or result.status is not Status.READY:
+        return result
+    return replace(result, status=Status.INCOMPATIBLE, error=why)

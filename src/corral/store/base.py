@@ -79,6 +79,7 @@ class BackendRecord:
     last_seen: float = field(default_factory=time.time)
     in_use: bool = False
     client: str | None = None
+    names: tuple[Endpoint, ...] = ()  # other names of this backend (same address and port)
     # Not re-verified since this store was opened (loaded from disk or another machine's Redis
     # write before we started); a fresh put clears it.
     stale: bool = False

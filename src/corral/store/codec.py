@@ -30,6 +30,7 @@ MAX_TEXT = 4096  # messages, errors, reasons
 MAX_NAME = 256  # versions, host names, client addresses
 MAX_DEVICES = 64
 MAX_LIST = 1024
+MAX_NAMES = 16  # other names of one backend
 MAX_TS = 1e11  # seconds since the epoch; later than this is junk, not a clock
 MAX_BYTES = 2**63 - 1
 _NODE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -258,6 +259,13 @@ def _sources(f: _Fields) -> tuple[SourceName, ...]:
     return tuple(out)
 
 
+def _names(f: _Fields) -> tuple[Endpoint, ...]:
+    return tuple(
+        endpoint_from_json(item, f"{f.where}: field 'names'[{i}]")
+        for i, item in enumerate(f.items("names", MAX_NAMES))
+    )
+
+
 def _check(built: dict[str, Any], where: str, parse: Callable[[object, str], object]) -> None:
     """Encoding check: the reader must accept what we are about to write."""
     parse(loads(dumps(built, where), where), where)
@@ -281,6 +289,7 @@ def backend_to_json(rec: BackendRecord, *, written_at: float) -> dict[str, Any]:
         "in_use": rec.in_use,
         "client": rec.client,
         "stale": rec.stale,
+        "names": [endpoint_key(n, f"{where}: names") for n in rec.names],
         "written_at": written_at,
     }
     _check(out, where, backend_from_json)
@@ -304,6 +313,7 @@ def backend_from_json(obj: object, where: str, *, fresh_since: float = 0.0) -> B
         in_use=f.flag("in_use"),
         client=f.opt_text("client"),
         stale=f.flag("stale") or written_at < fresh_since,
+        names=_names(f),
     )
 
 

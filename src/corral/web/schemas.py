@@ -52,6 +52,7 @@ class BackendOut(BaseModel):
     latency_ms: float | None
     sources: list[str]
     error: str | None
+    names: list[str] = Field(description="other names of this backend (same address and port)")
     last_seen: float = Field(description="Unix time the backend was last seen (seconds)")
     in_use: bool = Field(description="The coordinator's llama-server uses this backend")
 
@@ -242,7 +243,14 @@ def registration_to_json(reg: NodeRegistration) -> dict[str, Any]:
 
 def backend_to_json(rec: BackendRecord, in_use: bool) -> dict[str, Any]:
     out = contract_json(
-        rec.endpoint, rec.status, rec.version, rec.devices, rec.latency_ms, rec.sources, rec.error
+        rec.endpoint,
+        rec.status,
+        rec.version,
+        rec.devices,
+        rec.latency_ms,
+        rec.sources,
+        rec.error,
+        rec.names,
     )
     out["last_seen"] = rec.last_seen
     out["in_use"] = in_use
