@@ -504,6 +504,21 @@ async def _coordinator_checks(
         if json.loads(x).get("choices")
     )
     assert text
+    # Only the OpenAI-compatible routes reach llama-server: its /props, /slots, /metrics stay out
+    # of reach however the path is spelled, and nothing refused is counted as a request.
+    for path, status, says in [
+        ("/v1/%2e%2e/props", 404, "percent-encoded"),
+        ("/v1/%2E%2E/slots", 404, "percent-encoded"),
+        ("/v1/..%2fmetrics", 404, "percent-encoded"),
+        ("/v1/../props", 404, "not forwarded"),
+        ("/v1/props", 404, "not forwarded"),
+        ("/v1/chat%2fcompletions", 404, "percent-encoded"),
+        ("/v1/models/", 404, "not forwarded"),
+        ("/v1/chat/completions", 405, "takes POST"),
+    ]:
+        code, answer = await raw_get(c.base_url, path)
+        assert (code, says in answer) == (status, True), (path, code, answer)
+        assert "default_generation_settings" not in answer and "n_ctx" not in answer
     m = (await c.get("/api/metrics")).json()["coordinator"]
     assert m["requests_total"] == 3 and m["requests_failed"] == 0
     assert m["requests_in_flight"] == 0
@@ -528,6 +543,21 @@ async def _coordinator_checks(
     assert r.status_code == 502 and "unreachable" in r.json()["detail"]
     m = (await c.get("/api/metrics")).json()["coordinator"]
     assert m["requests_failed"] == 1
+
+
+async def raw_get(base: httpx.URL, path: str) -> tuple[int, str]:
+    """GET `path` exactly as written (httpx would normalise dot segments), with our token."""
+    reader, writer = await asyncio.open_connection(base.host, base.port)
+    try:
+        writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: {base.host}:{base.port}\r\n"
+            f"Authorization: {AUTH['Authorization']}\r\nConnection: close\r\n\r\n".encode()
+        )
+        await writer.drain()
+        reply = (await asyncio.wait_for(reader.read(), 10)).decode(errors="replace")
+    finally:
+        writer.close()
+    return int(reply.split(" ", 2)[1]), reply
 
 
 async def test_without_coordinator_restart_is_409_and_v1_is_503(tmp_path: Path) -> None:

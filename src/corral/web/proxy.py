@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from corral.web.live import LiveView
 from corral.web.metrics import Figures
+from corral.web.v1_paths import Refused, v1_route
 
 HOP_BY_HOP = frozenset(
     {
@@ -71,13 +72,16 @@ class Forwarder:
             await self.client.aclose()
             self.client = None
 
-    async def forward(self, request: Request, path: str) -> Response:
+    async def forward(self, request: Request) -> Response:
+        route = v1_route(request.scope.get("raw_path") or request.url.path.encode(), request.method)
+        if isinstance(route, Refused):
+            return JSONResponse({"detail": route.detail}, status_code=route.status)
         if self.base_url is None or self.client is None:
             return JSONResponse(
                 {"detail": "no coordinator is configured for this dashboard"}, status_code=503
             )
         fig = self.figures
-        url = f"{self.base_url}/v1/{path}"
+        url = f"{self.base_url}/v1/{route}"  # built from the allow-list, not the request
         query = request.url.query
         if query:
             url += f"?{query}"

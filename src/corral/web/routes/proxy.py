@@ -16,4 +16,5 @@ router = APIRouter()
     include_in_schema=False,
 )
 async def v1(ctx: Ctx, request: Request, path: str) -> Response:
-    return await ctx.forwarder.forward(request, path)
+    del path  # the forwarder reads the raw path itself: it must see it undecoded
+    return await ctx.forwarder.forward(request)
