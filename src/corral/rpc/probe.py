@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import resource
 import socket
 import struct
 import time
@@ -97,6 +99,23 @@ def _describe(head: bytes) -> str:
     return f"not an RPC reply: {head!r}"
 
 
+_OUT_OF_FILES_RETRIES = 20
+_OUT_OF_FILES_WAIT_S = 0.05
+_FD_RESERVE = 128  # descriptors left for the store, the dashboard, llama-server's pipes
+
+
+class _OutOfFiles(Exception):
+    """The connect failed for want of a descriptor in this process."""
+
+
+def open_limit(soft: int | None = None) -> int:
+    """Pure given `soft` (the RLIMIT_NOFILE soft limit): how many probe connections at once."""
+    if soft is None:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+    return max(16, min(1024, soft - _FD_RESERVE))
+
+
 @dataclass
 class Prober:
     timeout: float = 1.0
@@ -113,6 +132,10 @@ class Prober:
     _busy_seen: dict[Endpoint, float] = field(default_factory=dict)
     # At most one probe of an endpoint at a time: a second caller joins the first.
     _inflight: dict[Endpoint, asyncio.Task[ProbeResult]] = field(default_factory=dict)
+    # Connections open at once, below the process's descriptor limit: 20,000 probes at once
+    # would run out of descriptors, and a probe must never report the prober's own shortage as
+    # the backend's status. A probe's time starts once it has a slot.
+    _slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(open_limit()))
 
     def derived(self, timeout: float, host_up_means_busy: bool) -> Prober:
         """A prober with other timings that shares this one's memory: the held set, what was
@@ -122,6 +145,7 @@ class Prober:
         other.held = self.held
         other._busy_seen = self._busy_seen
         other._inflight = self._inflight
+        other._slots = self._slots
         return other
 
     def reading(self, held: AbstractSet[Endpoint]) -> Prober:
@@ -142,6 +166,19 @@ class Prober:
         return await asyncio.shield(task)
 
     async def _probe(self, endpoint: Endpoint) -> ProbeResult:
+        async with self._slots:
+            for _ in range(_OUT_OF_FILES_RETRIES):
+                try:
+                    return await self._probe_once(endpoint)
+                except _OutOfFiles:
+                    await asyncio.sleep(_OUT_OF_FILES_WAIT_S)  # others close theirs meanwhile
+            return ProbeResult(
+                endpoint,
+                Status.OFFLINE,
+                error="not probed: this process is out of file descriptors",
+            )
+
+    async def _probe_once(self, endpoint: Endpoint) -> ProbeResult:
         start = time.monotonic()
         deadline = start + self.timeout
         try:
@@ -153,6 +190,8 @@ class Prober:
         except TimeoutError:
             return await self._connect_timed_out(endpoint)
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise _OutOfFiles from None  # ours, not the backend's: try again
             reason = exc.strerror or exc.__class__.__name__
             return ProbeResult(endpoint, Status.OFFLINE, error=f"unreachable: {reason}")
         except UnicodeError:
