@@ -8,6 +8,7 @@ Scans run in ns A as separate processes (`ip netns exec`), so they never touch t
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -28,6 +29,7 @@ from corral.net import neighbours as nb
 from corral.net.pacing import NeighbourPacer
 from corral.sources import scan as sc
 from corral.types import ProbeResult, Status
+from tests.support.loopback import next_loopback
 from tests.support.netns import (
     BENCH_NET,
     Lan,
@@ -452,3 +454,30 @@ async def test_paced_tcp_scan_of_a_22_finds_the_last_address_without_overflow(
     # The table is global: another job on this kernel may overflow it during our scan. Then the
     # probes that may have lost their SYN must have been sent again.
     assert stats["neighbour_overflows"] == 0 or stats["retried"] > 0, scan
+
+
+async def test_a_scan_says_when_an_up_host_accepts_no_connection() -> None:
+    """A backend held by a client, its accept queue full, drops new SYNs: a scan cannot list
+    it, but must not stay silent either (it used to list nothing and say nothing)."""
+    host = next_loopback()
+    full = socket.socket()
+    full.bind((host, 0))
+    full.listen(0)  # never accepted: the queue fills like a held rpc-server's
+    port = full.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect((host, port))
+            fillers.append(s)
+        source = sc.ScanSource(cidrs=[f"{host}/32"], ports=[port], timeout=0.3)
+        report = await source.collect()
+    finally:
+        for s in fillers:
+            s.close()
+        full.close()
+    assert report.sightings == []
+    [warning] = [w for w in report.warnings if "accepted no connection" in w]
+    assert f"{host}:{port}" in warning and "accept queue full" in warning

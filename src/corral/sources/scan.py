@@ -38,6 +38,7 @@ from corral.net.neighbours import (
     arp_links,
     arp_sweep,
     count_failed_neighbours,
+    host_is_up,
     incomplete_lifetime,
     local_addresses,
     read_neighbour_stats,
@@ -52,7 +53,10 @@ MAX_PREFIX_WITHOUT_CONSENT = 16
 # a direct TCP scan fits in the neighbour table's budget and is faster than sweep + probe.
 SWEEP_ABOVE = 512
 ARP_RATE = 8000.0  # ARP requests per second: a /16 in about 8 s per pass
-RETRY_ROUNDS = 2  # rounds for probes that a neighbour-table overflow may have hurt
+RETRY_ROUNDS = 2
+CONNECT_TIMED_OUT = "no TCP connection within"  # the prober's words for a silent connect
+MAX_SILENT_CHECKED = 1024  # timed-out endpoints checked for an up host, per scan
+MAX_SILENT_SHOWN = 5  # rounds for probes that a neighbour-table overflow may have hurt
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -242,6 +246,7 @@ class Scanner:
         start = time.monotonic()
         found: list[ProbeResult] = []
         retry: list[Endpoint] = []
+        timed_out: list[Endpoint] = []
         count = 0
 
         def paced(ep: Endpoint) -> bool:
@@ -261,6 +266,8 @@ class Scanner:
                     found.append(result)
                 elif began is not None and pacer.overflowed_at(began):
                     retry.append(ep)
+                elif (result.error or "").startswith(CONNECT_TIMED_OUT):
+                    timed_out.append(ep)
 
         async def run(endpoints: Iterable[Endpoint]) -> None:
             shared = iter(endpoints)  # workers pull from one iterator: no list of 65k endpoints
@@ -282,8 +289,24 @@ class Scanner:
             retried=retried,
             paced_rate=pacer.rate if pacer.enabled else 0.0,
         )
+        await self._say_silent_up_hosts(timed_out)
         found.sort(key=_order)
         return found
+
+    async def _say_silent_up_hosts(self, timed_out: list[Endpoint]) -> None:
+        """A host that is up but accepted no connection: a backend held by a client, its accept
+        queue full, looks exactly like this (so does a firewall that drops). Say so, briefly."""
+        checked = timed_out[:MAX_SILENT_CHECKED]
+        up = await asyncio.to_thread(lambda: [ep for ep in checked if host_is_up(ep.host)])
+        if not up:
+            return
+        shown = ", ".join(str(ep) for ep in up[:MAX_SILENT_SHOWN])
+        more = f" and {len(up) - MAX_SILENT_SHOWN} more" if len(up) > MAX_SILENT_SHOWN else ""
+        self.warnings.append(
+            f"scan: {shown}{more}: the host is up but accepted no connection within "
+            f"{self.prober.timeout:g} s; a backend held by a client (its accept queue full) looks "
+            "like this, as does a firewall that drops; `corral probe` it to tell"
+        )
 
 
 def _order(result: ProbeResult) -> tuple[int, int, int]:
