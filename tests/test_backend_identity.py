@@ -134,3 +134,20 @@ async def test_an_ipv6_backend_is_named_incompatible_and_never_reaches_rpc(
         assert "incompatible" in warned.message and "will not be used" in warned.message
         rec = await c.record()
         assert rec.state is CoordinatorState.WAITING and rec.pid is None
+
+
+async def test_probe_of_two_names_of_one_backend_probes_it_once(
+    rpc_server: StartRpc, tmp_path: Path
+) -> None:
+    ep, child = await rpc_server(host="127.0.0.1")
+    done = await corral(
+        "probe", str(ep), f"localhost:{ep.port}", "--json", env=isolated_env(tmp_path / "s")
+    )
+    assert done.code == 0, done.err
+    [item] = done.json()
+    assert (item["host"], item["status"], item["names"]) == (
+        "127.0.0.1",
+        "ready",
+        [f"localhost:{ep.port}"],
+    )
+    assert child.returncode is None

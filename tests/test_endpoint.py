@@ -229,3 +229,37 @@ def test_list_partitions_every_item(items: list[str]) -> None:
     text = ",".join(items)
     good, errors = parse_endpoint_list(text)
     assert len(good) + len(errors) == len(text.split(","))
+
+
+def _spellings(addr: ipaddress.IPv4Address) -> list[str]:
+    """One IPv4 address in every form the gate might meet it."""
+    hi, lo = int(addr) >> 16, int(addr) & 0xFFFF
+    return [
+        str(addr),
+        f"[::ffff:{addr}]",
+        f"[::FFFF:{addr}]",
+        f"[::ffff:{hi:x}:{lo:x}]",
+        f"[0:0:0:0:0:ffff:{hi:04x}:{lo:04x}]",
+        f"[0000:0000:0000:0000:0000:FFFF:{addr}]",
+    ]
+
+
+@given(
+    st.one_of(
+        st.ip_addresses(v=4),
+        st.sampled_from(
+            [ipaddress.IPv4Address(a) for a in ("0.0.0.0", "255.255.255.255", "224.0.0.1")]
+        ),
+    ),
+    st.integers(1, 65535),
+)
+def test_no_ipv4_rule_can_be_passed_by_another_spelling(
+    addr: ipaddress.IPv4Address, port: int
+) -> None:
+    outcomes = set()
+    for text in _spellings(addr):
+        try:
+            outcomes.add(str(parse_endpoint(f"{text}:{port}")))
+        except EndpointError as exc:
+            outcomes.add(str(exc).split(":")[0])  # the rule, without the spelling quoted
+    assert len(outcomes) == 1, outcomes

@@ -61,8 +61,20 @@ def probe(
     prober = installed_prober(timeout)
 
     async def run() -> list[Backend]:
-        results = await asyncio.gather(*(prober.probe(ep) for ep in dict.fromkeys(parsed)))
-        return [Backend(r.endpoint, [], r) for r in results]
+        # Two names of one backend are probed once (an rpc-server serves one client at a time)
+        # and listed once, under the name given first, with the others.
+        from corral.discovery import merge
+        from corral.net.identity import identities
+        from corral.sources.base import SourceReport
+        from corral.types import Sighting, SourceName
+
+        given = SourceReport(SourceName.FILE)  # a stand-in report: its source is not shown
+        given.sightings.extend(Sighting(ep, SourceName.FILE) for ep in parsed)
+        backends = merge([given], await identities(parsed))
+        results = await asyncio.gather(*(prober.probe(b.endpoint) for b in backends))
+        for backend, result in zip(backends, results, strict=True):
+            backend.probe, backend.sources = result, []
+        return backends
 
     backends = asyncio.run(run())
     if json_out:
