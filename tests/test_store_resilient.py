@@ -127,7 +127,13 @@ async def _outage_and_catch_up(
 
         # Reads come from Redis again ...
         await other.put_backends([backend(OTHER, last_seen=time.time())])
-        assert OTHER in [r.endpoint for r in await store.backends()]
+
+        async def read_from_redis() -> bool:
+            return OTHER in [r.endpoint for r in await store.backends()]
+
+        # Waited for: on a loaded machine one read may time out (1 s), which the store rightly
+        # takes as Redis gone; it then catches up and reads from Redis again.
+        await until(read_from_redis, 10, "the other machine's backend read from redis")
         # ... and other machines' changes reach our subscribers, once the remote subscription
         # is back (within a retry period). Their event is theirs alone: no local echo matches.
         theirs = Event(EventKind.WARNING, "from another machine", None, time.time())
