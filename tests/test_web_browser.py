@@ -5,6 +5,11 @@ the coordinator; the real app over a real EmbeddedStore; a small probe loop stan
 monitor. The page must list the backends, turn a killed backend's badge offline without a
 reload, and get an answer to a prompt through the coordinator. Nothing may come from anywhere
 but the dashboard itself.
+
+And under a real `corral up` serving on two backends: those two read "serving" in the serving
+colour (not an orange "busy": a held rpc-server cannot be probed, so the API says busy with
+in_use), with their total memory and no stale "free" bar; one another client holds reads busy,
+one nothing listens on offline, and the count says so.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 
 from corral.endpoint import Endpoint
@@ -25,7 +31,9 @@ from corral.llama.binaries import LlamaBinaries
 from corral.store.base import BackendRecord
 from corral.store.sqlite import EmbeddedStore
 from corral.types import Status
+from tests.support.corral_up import corral_up, held_by_another_client
 from tests.support.dashboard import TOKEN, LlamaController, ProbeLoop, running_dashboard
+from tests.support.loopback import free_port, next_loopback
 from tests.support.rpc_backends import StartRpc
 from tests.support.waiting import until
 
@@ -102,6 +110,16 @@ def row(ep: Endpoint) -> str:
     return f'#backends-body tr[data-endpoint="{ep}"]'
 
 
+async def css_colour(page: Any, variable: str) -> str:
+    """The page's CSS variable `variable` (a #rrggbb colour) as a computed style reads it."""
+    value = await page.evaluate(
+        "v => getComputedStyle(document.documentElement).getPropertyValue(v).trim()", variable
+    )
+    assert isinstance(value, str) and len(value) == 7 and value.startswith("#"), value
+    red, green, blue = (int(value[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({red}, {green}, {blue})"
+
+
 async def test_page_lists_backends_follows_a_death_live_and_answers_a_prompt(
     browser: Browser,
     rpc_server: StartRpc,
@@ -135,6 +153,9 @@ async def test_page_lists_backends_follows_a_death_live_and_answers_a_prompt(
             assert await doomed_row.locator(".device").count() >= 1
             assert "free" in (await doomed_row.locator(".device .label").first.text_content() or "")
             assert await page.locator(f"{row(used)} td.inuse").text_content() == "in use"
+            assert await page.locator(f'{row(used)} [data-role="status"]').text_content() == (
+                "serving"
+            )
 
             # The coordinator panel.
             await page.wait_for_selector('#coordinator-state[data-state="serving"]')
@@ -224,3 +245,71 @@ async def test_empty_state_then_polling_when_the_stream_fails(
         await page.wait_for_selector("#action-status >> text=discovery run started")
         assert len(dash.rescans) == 1
         assert browser.foreign_requests == []
+
+
+async def test_backends_our_coordinator_holds_show_as_serving_not_busy(
+    browser: Browser, rpc_server: StartRpc, tiny_model: Path, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    page = browser.page
+    (a, _), (b, _), (other, _) = await rpc_server(), await rpc_server(), await rpc_server()
+    host = next_loopback()
+    nobody = Endpoint(host, free_port(host))
+    async with (
+        held_by_another_client(other),  # before corral up starts: it never gets this one
+        corral_up(
+            tmp_path, [a, b, other, nobody], tiny_model, "--tensor-split", "1,1", token=TOKEN
+        ) as up,
+    ):
+        await page.goto(up.base + "/")
+        await page.wait_for_selector('#coordinator-state[data-state="serving"]', timeout=30_000)
+
+        # The two our llama-server holds: the API's status stays `busy` (the contract), with
+        # in_use; the page shows them serving, in the serving colour (not the busy one).
+        for ep in (a, b):
+            held = page.locator(f'{row(ep)}[data-status="busy"][data-in-use="true"]')
+            await expect(held).to_have_count(1, timeout=TIMEOUT_MS)
+            badge = held.locator('[data-role="status"]')
+            await expect(badge).to_have_text("serving")
+            serving_colour = await css_colour(page, "--serving")
+            busy_colour = await css_colour(page, "--busy")
+            assert serving_colour != busy_colour
+            await expect(badge).to_have_css("background-color", serving_colour)
+            # Its memory: the total, held by the coordinator; no "free" bar from a probe made
+            # before the model loaded.
+            device = held.locator(".device").first
+            await expect(device).to_have_attribute("data-held", "true")
+            await expect(device).to_contain_text("total")
+            await expect(device).to_contain_text("in use by the coordinator")
+            assert "free" not in (await held.locator("td.devices").text_content() or "")
+            assert await held.locator(".device .bar").count() == 0
+            assert await held.locator(".err").count() == 0  # nothing reads as trouble
+
+        # Held by another client: busy, in orange, not ours. Nothing listening: offline.
+        theirs = page.locator(f'{row(other)}[data-in-use="false"] [data-role="status"]')
+        await expect(theirs).to_have_text("busy", timeout=TIMEOUT_MS)
+        await expect(theirs).to_have_css("background-color", busy_colour)
+        down = page.locator(f'{row(nobody)} [data-role="status"]')
+        await expect(down).to_have_text("offline", timeout=TIMEOUT_MS)
+
+        await expect(page.locator("#backends-count")).to_have_text(
+            "4 known: 2 serving, 0 ready, 1 busy, 1 offline"
+        )
+        coordinator_backends = page.locator('#coordinator [data-field="backends"]')
+        await expect(coordinator_backends).to_have_text(f"{a}, {b}")
+
+        # The figures count them the same way; the status counts keep the contract's values.
+        async with httpx.AsyncClient(base_url=up.base, timeout=5, trust_env=False) as client:
+            counts = (await client.get("/api/metrics")).json()["backends"]
+            exposition = (await client.get("/metrics")).text
+        assert counts["serving"] == 2 and counts["in_use"] == 2, counts
+        assert counts["by_status"]["busy"] == 3, counts
+        assert "\ncorral_backends_serving 2.0\n" in exposition
+        assert '\ncorral_backends{status="busy"} 3.0\n' in exposition
+
+        shots = ROOT / "test-artifacts"
+        shots.mkdir(exist_ok=True)
+        await page.screenshot(path=str(shots / "dashboard-serving.png"), full_page=True)
+        assert browser.foreign_requests == []
+        assert browser.console_errors == []

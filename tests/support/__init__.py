@@ -10,6 +10,8 @@
 - records.py: one sample of each record the store holds.
 - coordinator.py: the real coordinator as a task (ObservedRunner), and chat/stream/health.
 - dashboard.py: the real dashboard app on a socket, a probe loop, a llama-server controller.
+- guarded.py: the app with any create_app option on a socket, raw HTTP exchanges, a /v1 stand-in.
+- sources.py: ListedSource, a discovery source that sees what the test lists.
 - corral_cli.py: the `corral` console script as a subprocess, and its --json contract.
 - netns.py: an isolated two-namespace LAN, and the helper processes run inside it.
 - schemathesis_hooks.py: the endpoint strategy schemathesis loads (SCHEMATHESIS_HOOKS).

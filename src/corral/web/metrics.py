@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from corral.types import CoordinatorState, Status
 from corral.web.live import LiveView
+from corral.web.schemas import is_serving
 
 
 @dataclass
@@ -57,18 +58,20 @@ def latency_summary(values: list[float]) -> dict[str, Any]:
 def metrics_json(live: LiveView, figures: Figures) -> dict[str, Any]:
     by_status = {str(s): 0 for s in Status}
     latencies: list[float] = []
-    in_use = 0
+    in_use = serving = 0
     for item in live.backends_items:
         by_status[item["status"]] = by_status.get(item["status"], 0) + 1
         if item["latency_ms"] is not None:
             latencies.append(float(item["latency_ms"]))
         in_use += bool(item["in_use"])
+        serving += is_serving(item)
     coordinator = live.coordinator()
     return {
         "backends": {
             "total": len(live.backends_items),
             "by_status": by_status,
             "in_use": in_use,
+            "serving": serving,
         },
         "nodes_live": live.nodes_live,
         "scans": {
@@ -137,7 +140,13 @@ class CorralCollector(Collector):
         counts = GaugeMetricFamily(
             "corral_backends", "Backends in the store by status", labels=["status"]
         )
+        serving = GaugeMetricFamily(
+            "corral_backends_serving",
+            "Backends the coordinator's llama-server holds and serves on (a held backend cannot"
+            ' be probed: corral_backends{status="busy"} counts these too)',
+        )
         per_status = {str(s): 0 for s in Status}
+        n_serving = 0
         for item in live.backends_items:
             ep = f"[{item['host']}]" if ":" in item["host"] else item["host"]
             values = [f"{ep}:{item['port']}", item["host"], str(item["port"])]
@@ -151,9 +160,11 @@ class CorralCollector(Collector):
                 latency.add_metric(values, float(item["latency_ms"]) / 1000.0)
             last_seen.add_metric(values, float(item["last_seen"]))
             in_use.add_metric(values, 1.0 if item["in_use"] else 0.0)
+            n_serving += is_serving(item)
         for name, n in per_status.items():
             counts.add_metric([name], float(n))
-        yield from (status, free, total, latency, last_seen, in_use, counts)
+        serving.add_metric([], float(n_serving))
+        yield from (status, free, total, latency, last_seen, in_use, counts, serving)
 
         nodes = GaugeMetricFamily("corral_nodes_live", "Node agents with a live registration")
         nodes.add_metric([], float(live.nodes_live))

@@ -8,6 +8,7 @@ server (`POST /api/nodes/heartbeat`) and the client (`post_heartbeat`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -115,6 +116,10 @@ class BackendCountsOut(BaseModel):
     total: int
     by_status: dict[str, int]
     in_use: int
+    serving: int = Field(
+        description="backends the coordinator's llama-server holds and serves on; a held"
+        " rpc-server cannot be probed, so by_status counts these as busy too"
+    )
 
 
 class MetricsOut(BaseModel):
@@ -255,6 +260,14 @@ def backend_to_json(rec: BackendRecord, in_use: bool) -> dict[str, Any]:
     out["last_seen"] = rec.last_seen
     out["in_use"] = in_use
     return out
+
+
+def is_serving(item: Mapping[str, Any]) -> bool:
+    """An `/api/rpc_backends` item our coordinator holds and serves on. An rpc-server serves one
+    client at a time, so a held one cannot be probed and its status reads `busy` (the contract's
+    value, kept); the page shows it as "serving" (index.html's `shownOf`, the same rule) and the
+    metrics count it as such. Held but offline stays offline: that is trouble."""
+    return bool(item["in_use"]) and item["status"] == Status.BUSY.value
 
 
 def event_to_json(ev: Event) -> dict[str, Any]:
