@@ -26,7 +26,7 @@ from corral.coordinator.runner import CoordinatorError, Runner, Timings
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions
-from corral.monitor import Monitor
+from corral.monitor import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_BACKENDS, Monitor
 from corral.plane.control import RunnerControl
 from corral.plane.parts import MonitorRescan, first_discovery
 from corral.rpc.held import HeldBackends
@@ -36,13 +36,15 @@ from corral.store.base import Store
 from corral.store.factory import open_store
 from corral.types import SourceName
 from corral.web.app import create_app
-from corral.web.security import check_bind
+from corral.web.security import DEFAULT_MAX_NODES, check_bind
 from corral.web.server import serve
 
 log = logging.getLogger(__name__)
 
 FIRST_DISCOVERY_S = 30.0  # the coordinator waits this long for it, then starts regardless
-SHUTDOWN_S = 30.0  # bound on stopping everything (llama-server gets its own grace inside)
+SHUTDOWN_S = 30.0  # bound on the coordinator stopping (llama-server gets its own grace inside)
+STOP_S = 5.0  # bound on every other part (dashboard, monitor) stopping once asked
+CANCEL_S = 2.0  # a part cancelled for overstaying gets this long to unwind, then is left behind
 
 
 class PlaneError(Exception):
@@ -61,6 +63,8 @@ class WatchPlan:
     chain: ChainOptions
     recheck_s: float = 2.0
     discover_s: float = 60.0
+    forget_after_s: float = DEFAULT_FORGET_AFTER_S  # --forget-after
+    max_backends: int = DEFAULT_MAX_BACKENDS  # --max-backends
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class PlaneConfig:
     coordinator_url: str | None = None  # /v1 forwarding when no coordinator runs in-process
     redis_url: str | None = None
     environ: Mapping[str, str] | None = None  # for the store's Redis settings; None: os.environ
+    max_nodes: int = DEFAULT_MAX_NODES  # --max-nodes: live node registrations the API takes
 
 
 @dataclass
@@ -98,10 +103,22 @@ class Plane:
 
 
 def stop_on_signals(stop: asyncio.Event) -> None:
-    """SIGINT and SIGTERM set `stop`: everything then stops in order, children first."""
+    """SIGINT and SIGTERM set `stop`: everything then stops in order, children first.
+
+    Only the first one: a second signal while stopping acts as if Corral had not caught it (the
+    process ends at once; its children die with it, see corral.llama.supervisor)."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def first(sig: signal.Signals) -> None:
+        log.info("control plane: %s received; stopping (another one ends at once)", sig.name)
+        for each in signals:
+            loop.remove_signal_handler(each)
+            signal.signal(each, signal.SIG_DFL)
+        stop.set()
+
+    for sig in signals:
+        loop.add_signal_handler(sig, first, sig)
 
 
 def _url(host: str, port: int) -> str:
@@ -151,6 +168,8 @@ def _monitor(
         held=held,
         runner_owns_held=runner is not None,
         watch_nodes=SourceName.REGISTRY in names,
+        forget_after_s=cfg.watch.forget_after_s,
+        max_backends=cfg.watch.max_backends,
     )
 
 
@@ -211,6 +230,7 @@ async def _run(
         coordinator=control,
         coordinator_url=runner.opts.base_url if runner else cfg.coordinator_url,
         token=cfg.token,
+        max_nodes=cfg.max_nodes,
     )
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     tasks: dict[str, asyncio.Task[None]] = {}
@@ -268,17 +288,26 @@ async def _first_discovery(monitor: Monitor, stop: asyncio.Event) -> bool:
 
 
 async def _finish(tasks: dict[str, asyncio.Task[None]]) -> None:
-    """Let every part stop by itself (they all watch `stop`); cancel what overstays."""
-    pending = [t for t in tasks.values() if not t.done()]
-    if not pending:
-        return
-    _, late = await asyncio.wait(pending, timeout=SHUTDOWN_S)
-    for task in late:
-        log.warning("control plane: a part did not stop in %g s; cancelling it", SHUTDOWN_S)
+    """Let every part stop by itself (they all watch `stop`); cancel what overstays its bound
+    (the coordinator's is longer: llama-server's grace), and leave behind what then ignores
+    the cancellation: a part that hangs (a discovery source, say) never holds up the exit."""
+
+    async def finish(name: str, task: asyncio.Task[None]) -> None:
+        if task.cancelling():  # cancelled by an earlier call, and left behind
+            return
+        bound = SHUTDOWN_S if name == "coordinator" else STOP_S
+        await asyncio.wait({task}, timeout=bound)
+        if task.done():
+            return
+        log.warning("control plane: the %s did not stop in %g s; cancelling it", name, bound)
         task.cancel()
-    for task in late:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await asyncio.wait({task}, timeout=CANCEL_S)
+        if not task.done():
+            log.warning("control plane: the %s ignored its cancellation; left behind", name)
+        elif not task.cancelled():
+            task.exception()  # what it raised while being cancelled: retrieved, not reported
+
+    await asyncio.gather(*(finish(n, t) for n, t in tasks.items() if not t.done()))
 
 
 def _raise_failure(name: str, task: asyncio.Task[None], stop: asyncio.Event | None) -> None:
