@@ -18,6 +18,17 @@ The server's resident memory is sampled throughout (target <= 100 MB).
 
 `--offline` measures instead a real backend's death (SIGKILL) to `offline` in the API, with the
 real monitor over a real rpc_backends.conf; `time_to_offline()` takes any monitor as a callable.
+
+`--flood` measures instead the node API under a registration flood, against the real control
+plane (`run_plane`: dashboard + monitor with the registry and cache sources, as `corral up`
+runs them): --flood-count registrations (each a new node, its backend a refused loopback port)
+sent as fast as a client bounded to --flood-concurrency connections can, from --flood-addresses
+client addresses, while GET /api/rpc_backends is sampled open-loop (--flood-rate requests/s)
+during the flood and --flood-settle seconds after it. It prints how many were accepted and
+refused (429), the reads' p50/p99 against the 10 ms target, the backends listed and the memory:
+
+    python benchmarks/api_load.py --flood                     # 5,000 registrations, 1 address
+    python benchmarks/api_load.py --flood --flood-addresses 100
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from corral.web.app import create_app
 from corral.web.server import serve
 
 PATH = "/api/rpc_backends"
+FLOOD_TOKEN = "bench-flood"
 TARGET_P99_MS = 10.0
 TARGET_RSS_MB = 100.0
 
@@ -108,6 +120,34 @@ async def run_server(port_file: Path, state_dir: Path, backends: int, churn_s: f
         await store.close()
 
 
+async def run_plane_server(port_file: Path, state_dir: Path) -> None:
+    """The whole control plane as `corral up` runs it without a model: dashboard + monitor,
+    discovering from the registry (node heartbeats) and the cache."""
+    from corral.plane.plane import PlaneConfig, WatchPlan, run_plane
+    from corral.rpc.probe import Prober
+    from corral.sources.chain import ChainOptions
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    cfg = PlaneConfig(
+        state=state_dir,
+        watch=WatchPlan([SourceName.REGISTRY, SourceName.CACHE], ChainOptions()),
+        host="127.0.0.1",
+        port=0,
+        token=FLOOD_TOKEN,
+    )
+
+    def ready(plane: Any) -> None:
+        port_file.write_text(plane.dashboard_url.rsplit(":", 1)[1])
+
+    def quiet(_: str) -> None:
+        pass
+
+    await run_plane(cfg, Prober(timeout=1.0), stop, say=quiet, warn=quiet, on_ready=ready)
+
+
 # ---- the load generator process --------------------------------------------------------------
 
 
@@ -151,6 +191,180 @@ async def run_open_loop(host: str, port: int, clients: int, rate: float, duratio
         *(_client(host, port, interval, start, start + duration, out) for _ in range(clients))
     )
     json.dump(out, sys.stdout)
+
+
+def flood_body(n: int) -> dict[str, Any]:
+    """Registration n: a new node whose backend is a refused port on its own loopback address."""
+    return {
+        "node_id": f"flood-{n}",
+        "endpoint": f"127.1.{n // 250}.{n % 250 + 1}:50052",
+        "hostname": f"flood-{n}",
+        "status": "ready",
+        "heartbeat_s": 2.0,
+    }
+
+
+async def run_flood(port: int, count: int, concurrency: int, addresses: int) -> None:
+    """Send `count` registrations, at most `concurrency` at once, spread over `addresses`
+    client addresses (127.0.0.1, 127.0.0.2, ...); print the tally as JSON."""
+    url = f"http://127.0.0.1:{port}/api/nodes/heartbeat"
+    headers = {"Authorization": f"Bearer {FLOOD_TOKEN}"}
+    per = max(1, concurrency // addresses)
+    clients = [
+        httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(
+                local_address=f"127.0.{i // 250}.{i % 250 + 1}",
+                limits=httpx.Limits(max_connections=per, max_keepalive_connections=per),
+            ),
+            trust_env=False,
+            timeout=60,
+        )
+        for i in range(addresses)
+    ]
+    gate = asyncio.Semaphore(concurrency)
+    codes: dict[str, int] = {}
+    errors: list[str] = []
+
+    async def one(n: int) -> None:
+        async with gate:
+            try:
+                r = await clients[n % addresses].post(url, json=flood_body(n), headers=headers)
+            except httpx.HTTPError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            codes[str(r.status_code)] = codes.get(str(r.status_code), 0) + 1
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(one(n) for n in range(count)))
+    finally:
+        for c in clients:
+            await c.aclose()
+    elapsed = time.monotonic() - started
+    json.dump({"codes": codes, "errors": errors[:5], "seconds": round(elapsed, 2)}, sys.stdout)
+
+
+async def _sampler(
+    host: str, port: int, interval: float, phase: list[str], out: dict[str, list[float]]
+) -> None:
+    """Open-loop GETs of PATH every `interval`, latency from when each was due, filed under
+    the phase current when it was due; until phase[0] is "done"."""
+    loop = asyncio.get_running_loop()
+    request = f"GET {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    due = loop.time() + random.random() * interval
+    try:
+        while phase[0] != "done":
+            delay = due - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            now_phase = phase[0]
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            await reader.readexactly(int(match.group(1)) if match else 0)
+            out.setdefault(now_phase, []).append(loop.time() - due)
+            due += interval
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def flood(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="corral-flood-") as tmp:
+        port_file = Path(tmp) / "port"
+        server = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "_plane", "--port-file", str(port_file), "--state-dir", tmp
+        )
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            if server.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError("the control plane did not start")
+            await asyncio.sleep(0.05)
+        port = int(port_file.read_text())
+        rss = RssSampler(server.pid)
+        rss.start()
+        results: dict[str, Any] = {}
+        try:
+            print(f"control plane pid {server.pid} on 127.0.0.1:{port} (registry + cache sources)")
+            print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}")
+            print(f"resident memory at start: {rss.sample() / 2**20:.1f} MB")
+            phase = ["flood"]
+            lat: dict[str, list[float]] = {}
+            samplers = [
+                asyncio.create_task(_sampler("127.0.0.1", port, 4 / args.flood_rate, phase, lat))
+                for _ in range(4)
+            ]
+            print(
+                f"flood: {args.flood_count} registrations, {args.flood_concurrency} at once,"
+                f" from {args.flood_addresses} address(es); reads at {args.flood_rate:g}/s ..."
+            )
+            gen = await asyncio.create_subprocess_exec(
+                sys.executable,
+                __file__,
+                "_flood",
+                "--port",
+                str(port),
+                "--count",
+                str(args.flood_count),
+                "--concurrency",
+                str(args.flood_concurrency),
+                "--addresses",
+                str(args.flood_addresses),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            raw, _ = await gen.communicate()
+            tally = json.loads(raw)
+            phase[0] = "settle"
+            await asyncio.sleep(args.flood_settle)
+            phase[0] = "done"
+            await asyncio.gather(*samplers)
+            async with httpx.AsyncClient(trust_env=False, timeout=30) as c:
+                listed = (await c.get(f"http://127.0.0.1:{port}{PATH}")).json()
+                metrics = (await c.get(f"http://127.0.0.1:{port}/api/metrics")).json()
+            codes = tally["codes"]
+            results = {
+                "sent": args.flood_count,
+                "accepted": codes.get("200", 0),
+                "refused_429": codes.get("429", 0),
+                "other": {k: v for k, v in codes.items() if k not in ("200", "429")},
+                "client_errors": tally["errors"],
+                "flood_seconds": tally["seconds"],
+                "reads_during_flood": percentiles_ms(lat.get("flood", [])),
+                "reads_after_flood": percentiles_ms(lat.get("settle", [])),
+                "backends_listed": len(listed),
+                "nodes_live": metrics.get("nodes_live"),
+                "rss_mb": {
+                    "end": round(rss.sample() / 2**20, 1),
+                    "peak": round(rss.peak / 2**20, 1),
+                },
+                "load_average_1m_end": round(os.getloadavg()[0], 2),
+            }
+            print("  ", json.dumps(results))
+        finally:
+            await rss.stop()
+            server.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(server.wait(), 30)
+            except TimeoutError:
+                server.kill()
+                await server.wait()
+    during = results["reads_during_flood"].get("p99", 1e9)
+    after = results["reads_after_flood"].get("p99", 1e9)
+    print(
+        f"registrations: {results['accepted']} accepted, {results['refused_429']} refused (429)"
+        f" of {results['sent']} in {results['flood_seconds']} s"
+    )
+    met = max(during, after) <= TARGET_P99_MS
+    print(
+        f"GET {PATH} p50/p99: {results['reads_during_flood'].get('p50')}/{during} ms during,"
+        f" {results['reads_after_flood'].get('p50')}/{after} ms in the {args.flood_settle:g} s"
+        f" after; target p99 <= {TARGET_P99_MS} ms: {'met' if met else 'MISSED'}"
+    )
+    if args.json:
+        await asyncio.to_thread(Path(args.json).write_text, json.dumps(results, indent=2))
+    return 0 if met else 1
 
 
 # ---- the driver ------------------------------------------------------------------------------
@@ -475,11 +689,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--recheck-s", type=float, default=2.0, help="the monitor's recheck period")
     ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument(
+        "--flood", action="store_true", help="only the registration flood (real control plane)"
+    )
+    ap.add_argument("--flood-count", type=int, default=5000)
+    ap.add_argument("--flood-concurrency", type=int, default=16, help="requests in flight")
+    ap.add_argument("--flood-addresses", type=int, default=1, help="client addresses 127.0.0.x")
+    ap.add_argument("--flood-rate", type=float, default=200.0, help="reads/s sampled meanwhile")
+    ap.add_argument("--flood-settle", type=float, default=20.0, help="seconds sampled after")
     s = sub.add_parser("_serve")
     s.add_argument("--port-file", type=Path, required=True)
     s.add_argument("--state-dir", type=Path, required=True)
     s.add_argument("--backends", type=int, default=20)
     s.add_argument("--churn-s", type=float, default=1.0)
+    pl = sub.add_parser("_plane")
+    pl.add_argument("--port-file", type=Path, required=True)
+    pl.add_argument("--state-dir", type=Path, required=True)
+    f = sub.add_parser("_flood")
+    f.add_argument("--port", type=int, required=True)
+    f.add_argument("--count", type=int, required=True)
+    f.add_argument("--concurrency", type=int, required=True)
+    f.add_argument("--addresses", type=int, required=True)
     g = sub.add_parser("_load")
     g.add_argument("--port", type=int, required=True)
     g.add_argument("--clients", type=int, required=True)
@@ -493,6 +723,14 @@ def cli(argv: list[str]) -> int:
     if args.cmd == "_serve":
         asyncio.run(run_server(args.port_file, args.state_dir, args.backends, args.churn_s))
         return 0
+    if args.cmd == "_plane":
+        asyncio.run(run_plane_server(args.port_file, args.state_dir))
+        return 0
+    if args.cmd == "_flood":
+        asyncio.run(run_flood(args.port, args.count, args.concurrency, args.addresses))
+        return 0
+    if args.flood:
+        return asyncio.run(flood(args))
     if args.cmd == "_load":
         asyncio.run(run_open_loop("127.0.0.1", args.port, args.clients, args.rate, args.duration))
         return 0

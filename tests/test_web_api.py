@@ -488,7 +488,8 @@ async def _coordinator_checks(
     r = await c.post("/v1/chat/completions", json=body, headers=AUTH)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"]
-    assert (await c.get("/v1/models")).json()["data"]
+    assert (await c.get("/v1/models")).status_code == 401  # every /v1 request reaches the model
+    assert (await c.get("/v1/models", headers=AUTH)).json()["data"]
     chunks = []
     async with c.stream(
         "POST", "/v1/chat/completions", json={**body, "stream": True}, headers=AUTH

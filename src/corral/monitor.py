@@ -5,7 +5,10 @@
   checked by its listening socket, a remote one by its node's heartbeat;
 - every `discover_s` (or on demand, or when a node registers) it runs the whole discovery chain;
 - it writes what it learns to the store as BackendRecords, with an event for every backend that
-  appears, changes status or disappears. Everything that shows reads from there.
+  appears, changes status or disappears. Everything that shows reads from there;
+- it forgets a backend that has neither answered a probe nor been seen by any source but the
+  cache (the store's own last view, which would otherwise keep it forever) for `forget_after_s`
+  (`--forget-after`, 24 h), with a `backend_disappeared` event saying so.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from corral.types import Backend, ProbeResult, SourceName, Status
 log = logging.getLogger(__name__)
 
 ANSWERED = frozenset({Status.READY, Status.BUSY, Status.INCOMPATIBLE, Status.NOT_RPC})
+DEFAULT_FORGET_AFTER_S = 24 * 3600.0
+DEFAULT_MAX_BACKENDS = 4096
 
 
 def next_record(
@@ -76,6 +81,33 @@ def change_event(old: BackendRecord | None, new: BackendRecord) -> Event | None:
     return None
 
 
+def forget_reason(
+    record: BackendRecord, sighted: float | None, now: float, forget_after_s: float
+) -> str | None:
+    """Pure: why the monitor should forget this backend now, or None to keep it.
+
+    Kept while it is in use, answers probes, or a source other than the cache saw it (at
+    `sighted`) within `forget_after_s`; `last_seen` is its last answer (or when it appeared).
+    """
+    if record.in_use or record.status in ANSWERED:
+        return None
+    unseen = now - max(record.last_seen, sighted if sighted is not None else record.last_seen)
+    if unseen < forget_after_s:
+        return None
+    return (
+        f"it has not answered and no source but the last known view has seen it for"
+        f" {_span(unseen)} (--forget-after {forget_after_s:g} s)"
+    )
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 120:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s"
+
+
 @dataclass
 class MonitorStats:
     scans: int = 0
@@ -101,6 +133,14 @@ class Monitor:
     # next discovery forward to the next recheck, instead of waiting up to `discover_s`.
     watch_nodes: bool = False
     stats: MonitorStats = field(default_factory=MonitorStats)
+    # Retention: a backend unseen for this long is forgotten (forget_reason); `clock` is the
+    # wall time of the records (last_seen) and of the sightings.
+    forget_after_s: float = field(default=DEFAULT_FORGET_AFTER_S, kw_only=True)
+    # A cap on backends kept: past it the offline ones unseen longest go first (a flood of
+    # registrations from many addresses would otherwise grow the list for a day).
+    max_backends: int = field(default=DEFAULT_MAX_BACKENDS, kw_only=True)
+    clock: Callable[[], float] = field(default=time.time, kw_only=True)
+    _sighted: dict[Endpoint, float] = field(default_factory=dict)  # last seen by a real source
     _nodes_seen: set[Endpoint] = field(default_factory=set)
     _view: dict[Endpoint, BackendRecord] = field(default_factory=dict)
     _rescan: asyncio.Event = field(default_factory=asyncio.Event)
@@ -184,8 +224,14 @@ class Monitor:
         seen = {b.endpoint for b in result.backends}
         # Another name of a listed backend (an older record under it): one backend, one record.
         aliases = {n for b in result.backends for n in b.names}
+        now = self.clock()
+        for b in result.backends:
+            if any(s is not SourceName.CACHE for s in b.sources):
+                self._sighted[b.endpoint] = now
         async with self._lock:
             await self._apply(result.backends, held)
+            await self._forget(now)
+            await self._cap()
             for ep in [e for e in self._view if e not in seen]:
                 old = self._view[ep]
                 if ep in aliases and not old.in_use:
@@ -203,6 +249,49 @@ class Monitor:
             self.stats.last_scan_s = time.time()
             self._scanned.notify_all()
         return result
+
+    async def _forget(self, now: float) -> None:
+        """Retention: drop the backends forget_reason() says to, each with an event."""
+        for ep, record in list(self._view.items()):
+            why = forget_reason(record, self._sighted.get(ep), now, self.forget_after_s)
+            if why is None:
+                continue
+            del self._view[ep]
+            self._sighted.pop(ep, None)
+            await self.store.remove_backend(ep)
+            await self._event(
+                Event(
+                    EventKind.BACKEND_GONE,
+                    f"{ep} forgotten: {why}",
+                    ep,
+                    data={"reason": "forget_after", "forget_after_s": self.forget_after_s},
+                )
+            )
+        for ep in [e for e in self._sighted if e not in self._view]:
+            del self._sighted[ep]
+
+    async def _cap(self) -> None:
+        """Past `max_backends`, drop offline backends not in use, unseen longest first, with one
+        event for the lot. Live ones are never dropped to make room."""
+        excess = len(self._view) - self.max_backends
+        if excess <= 0:
+            return
+        offline = [r for r in self._view.values() if r.status is Status.OFFLINE and not r.in_use]
+        offline.sort(key=lambda r: max(r.last_seen, self._sighted.get(r.endpoint, 0.0)))
+        dropped = offline[:excess]
+        for record in dropped:
+            del self._view[record.endpoint]
+            self._sighted.pop(record.endpoint, None)
+            await self.store.remove_backend(record.endpoint)
+        if dropped:
+            await self._event(
+                Event(
+                    EventKind.BACKEND_GONE,
+                    f"forgot {len(dropped)} offline backends, unseen longest first: more than"
+                    f" --max-backends {self.max_backends} were known",
+                    data={"reason": "max_backends", "count": len(dropped)},
+                )
+            )
 
     async def record(self, backends: list[Backend]) -> None:
         """Write results found elsewhere (a one-off scan) into the view, with events."""
@@ -272,7 +361,7 @@ class Monitor:
     async def _apply(
         self, backends: list[Backend], held: set[Endpoint], keep_sources: bool = False
     ) -> None:
-        now = time.time()
+        now = self.clock()
         changed: list[BackendRecord] = []
         for b in backends:
             if b.probe is None:

@@ -27,6 +27,9 @@ DASHBOARD_HOST = "127.0.0.1"
 DASHBOARD_PORT = 8080
 LLAMA_HOST = "127.0.0.1"
 LLAMA_PORT = 18080
+MAX_NODES = 1024  # corral.web.security.DEFAULT_MAX_NODES
+FORGET_AFTER_S = 86400.0  # corral.monitor.DEFAULT_FORGET_AFTER_S
+MAX_BACKENDS = 4096  # corral.monitor.DEFAULT_MAX_BACKENDS
 OnChangeName = Literal["restart", "ignore"]  # OnChange's values
 
 # --- output and store ------------------------------------------------------------------------
@@ -79,6 +82,31 @@ RecheckOpt = Annotated[
 ]
 DiscoverEveryOpt = Annotated[
     float, typer.Option(min=1, max=86400, help="Seconds between runs of the discovery chain.")
+]
+MaxNodesOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=1_000_000,
+        help="Live nodes POST /api/nodes/heartbeat takes at once; past it, 429 (a registered"
+        " node's heartbeat always passes).",
+    ),
+]
+ForgetAfterOpt = Annotated[
+    float,
+    typer.Option(
+        min=1,
+        help="Seconds after which a backend that has not answered and that no source but the"
+        " last known view has seen is forgotten (removed, with an event).",
+    ),
+]
+MaxBackendsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        max=1_000_000,
+        help="Backends kept at most; past it the offline ones unseen longest are forgotten.",
+    ),
 ]
 # The long-running commands range-check their timeouts in typer.
 WatchTimeoutOpt = Annotated[float, typer.Option(min=0.05, max=60, help="Seconds a probe may take.")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -25,11 +26,15 @@ from corral.web.routes.page import load_page
 from corral.web.routes.status import BACKENDS_PATH
 from corral.web.security import (
     DEFAULT_MAX_BODY,
+    DEFAULT_MAX_NODES,
     DEFAULT_MAX_PROXY_BODY,
     ASGIApp,
     GuardConfig,
     GuardMiddleware,
+    NodeAdmission,
+    RateLimit,
     Receive,
+    Refusal,
     Scope,
     Send,
     read_machine_names,
@@ -67,8 +72,12 @@ class CachedBodyMiddleware:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the forwarder and LiveView's refresh loop; at shutdown end the event streams and
-    cancel whatever the actions left running."""
+    cancel whatever the actions left running. Nodes the store already holds live count against
+    the cap, and their heartbeats are not new registrations."""
     ctx = app_context(app)
+    with contextlib.suppress(Exception):  # an unreadable store: LiveView will say so
+        live = await ctx.store.live_nodes()
+        ctx.nodes.seed((n.node_id, str(n.endpoint), n.last_heartbeat + n.ttl_s) for n in live)
     await ctx.forwarder.start()
     runner = asyncio.create_task(ctx.live.run())
     await ctx.live.wait_first(5.0)
@@ -95,6 +104,9 @@ def create_app(
     max_proxy_body_bytes: int = DEFAULT_MAX_PROXY_BODY,
     refresh_s: float = 1.0,
     machine_names: frozenset[str] | None = None,
+    max_nodes: int = DEFAULT_MAX_NODES,
+    registrations: RateLimit | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """Build the dashboard.
 
@@ -105,9 +117,16 @@ def create_app(
         coordinator view comes from the store's CoordinatorRecord and restart answers 409.
     coordinator_url: base URL of the coordinator's llama-server (e.g. http://127.0.0.1:8081);
         `/v1/*` is forwarded there. None → `/v1/*` answers 503.
-    token: the bearer token every POST needs (CORRAL_TOKEN); None or "" → POSTs all 401.
+    token: the bearer token every POST and every /v1 request needs (CORRAL_TOKEN); None or
+        "" → those all 401.
+    max_body_bytes, max_proxy_body_bytes: the largest body a request may send, to /v1 and to
+        everything else; past it, 413.
     machine_names: Host names accepted on loopback besides loopback ones; None → this
         machine's name and its /etc/hosts loopback names.
+    max_nodes: live nodes `POST /api/nodes/heartbeat` takes at once (`--max-nodes`);
+        registrations: new registrations per client address (token bucket; None → 10/s,
+        bursts of 20); past either, 429 with Retry-After. A live node's heartbeat always passes.
+    clock: wall time for the registration bounds (tests pass a FakeClock).
     """
     token = token or None
     live = LiveView(store, coordinator, refresh_s=refresh_s)
@@ -122,6 +141,7 @@ def create_app(
         redoc_url=None,
         openapi_url="/api/openapi.json",
     )
+    nodes = NodeAdmission(max_nodes, registrations)
     app.state.corral = AppContext(
         store=store,
         live=live,
@@ -133,12 +153,18 @@ def create_app(
         token=token,
         page=page,
         page_csp=csp,
+        nodes=nodes,
+        clock=clock,
     )
     for router in ROUTERS:
         app.include_router(router)
     # The hottest read skips routing altogether; the guard, added last, is outermost, so even
     # that read is checked for its Host first.
     app.add_middleware(CachedBodyMiddleware, path=BACKENDS_PATH, body=lambda: live.backends_body)
+
+    def precheck(client: str, node_id: str) -> Refusal | None:  # a flood turned away early
+        return nodes.precheck(client, node_id, clock())
+
     app.add_middleware(
         GuardMiddleware,
         cfg=GuardConfig(
@@ -147,5 +173,6 @@ def create_app(
             max_proxy_body=max_proxy_body_bytes,
             machine_names=read_machine_names() if machine_names is None else machine_names,
         ),
+        precheck=precheck,
     )
     return app

@@ -1,10 +1,15 @@
 """The dashboard's guards: where it may listen, who may act, and how much they may send.
 
 Reads are open (they show what the store says); every request that could change something (any
-method but GET/HEAD) needs `Authorization: Bearer <token>`, checked before its body is read.
-A request that reached a loopback address must also be addressed to a loopback name or one of
-the machine's own, so a web page cannot read the dashboard (or prompt the coordinator) through
-DNS rebinding.
+method but GET/HEAD) and every request to `/v1` (GET included: each one reaches the model) needs
+`Authorization: Bearer <token>`, checked before its body is read. Every body, on every route and
+method, is read in the chunks the server hands over and refused (413) past the route's cap, so
+none is ever held whole beyond it. The Host header is read as a URL authority would be (one
+header, no userinfo, brackets closed right before the port, a port of digits); a request that
+reached a loopback address must also be addressed to a loopback name or one of the machine's
+own, so a web page cannot read the dashboard (or prompt the coordinator) through DNS rebinding.
+Node registrations are bounded too (`NodeAdmission`): a cap on live nodes and a token bucket per
+client address for new ones.
 """
 
 from __future__ import annotations
@@ -13,14 +18,30 @@ import functools
 import hmac
 import ipaddress
 import json
+import math
+import re
 import socket
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MAX_BODY = 64 * 1024  # /api/*: registrations and small commands
-DEFAULT_MAX_PROXY_BODY = 16 * 1024 * 1024  # /v1/*: chat requests with long contexts
+# Every route but /v1: registrations and small commands (a heartbeat is ~300 bytes, 64 devices
+# ~5 KiB). GET routes take no body; one sent anyway is held to this too.
+DEFAULT_MAX_BODY = 64 * 1024
+# /v1/*: llama-server requests. A 128k-token context is ~0.5 MB of text (~1 MB JSON-escaped); a
+# base64 image ~1-3 MB. 8 MiB holds the longest context several times over, or a few images;
+# past that a request is more likely abuse than use, and the guard holds up to this much per
+# request in memory before it forwards it.
+DEFAULT_MAX_PROXY_BODY = 8 * 1024 * 1024
+# A refused body up to this size is read and dropped before the answer, so the client reads a
+# 413/401 rather than a connection reset (closing a socket with unread data sends RST). Larger
+# ones are answered at once and the connection closed: the client may see a reset then.
+DRAIN_LIMIT = 16 * 1024 * 1024
+
+DEFAULT_MAX_NODES = 1024  # live node registrations through the API (`--max-nodes`)
+DEFAULT_REGISTRATION_RATE = 10.0  # new registrations a second per client address ...
+DEFAULT_REGISTRATION_BURST = 20.0  # ... and at once after a quiet spell
 
 SAFE_METHODS = frozenset({"GET", "HEAD"})
 
@@ -29,6 +50,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# (client address, node id) -> the refusal a new registration would get now, or None.
+Precheck = Callable[[str, str], "Refusal | None"]
 
 
 class InsecureBindError(ValueError):
@@ -67,14 +90,64 @@ def token_matches(header: str | None, token: str) -> bool:
     return hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def host_name(host_header: str) -> str:
-    """Pure: the name in a Host header (`[::1]:8080` → `::1`, `localhost:8080` → `localhost`)."""
-    text = host_header.strip()
+_REG_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+_PORT = re.compile(r"[0-9]{0,5}")
+
+
+def parse_host(host_header: str) -> tuple[str, int | None]:
+    """Pure: (name, port) of a Host header, read as a URL authority (RFC 3986 3.2) would be.
+
+    `localhost:8080` → ("localhost", 8080); `[::1]` → ("::1", None). Raises Refusal(400) for
+    anything else: userinfo (`127.0.0.1:80@evil`), a bracket not closed right before the port or
+    the end (`[::1]evil`), a bare IPv6 address, a port that is not 0-65535 in ASCII digits, or a
+    name outside letters, digits, `-`, `_` and dots. Whatever a browser or client library sends
+    passes; what one parser would read as another host than the next does not.
+    """
+
+    def bad(why: str) -> Refusal:
+        return Refusal(400, f"Host header {host_header[:100]!r} is not a host[:port]: {why}")
+
+    text = host_header.strip(" \t")
+    if not text:
+        raise bad("it is empty")
+    if not text.isascii() or not text.isprintable():
+        raise bad("only printable ASCII is allowed")
+    if "@" in text:
+        raise bad("userinfo ('@') is not allowed")
     if text.startswith("["):
-        return text[1:].partition("]")[0]
-    if text.count(":") == 1:
-        return text.partition(":")[0]
-    return text
+        close = text.find("]")
+        if close < 0:
+            raise bad("'[' is never closed")
+        name, rest = text[1:close], text[close + 1 :]
+        if rest and not rest.startswith(":"):
+            raise bad("']' must be followed by ':port' or nothing")
+        port_text = rest[1:] if rest else None
+        try:
+            if "%" in name:  # a zone: only meaningful on this machine, and never in Host
+                raise ValueError(name)
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise bad("inside brackets must be an IPv6 address (no zone)") from None
+    else:
+        if "[" in text or "]" in text:
+            raise bad("a bracket belongs only around an IPv6 address")
+        name, colon, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if colon else None
+        if port_text is not None and ":" in port_text:
+            raise bad("more than one ':' (an IPv6 address goes in brackets)")
+        if not _REG_NAME.fullmatch(name):
+            raise bad("the name may hold only letters, digits, '-', '_' and dots")
+    if port_text is None or port_text == "":
+        return name, None
+    if not _PORT.fullmatch(port_text) or int(port_text) > 65535:
+        raise bad("the port must be 0-65535 in digits")
+    return name, int(port_text)
+
+
+def host_name(host_header: str) -> str:
+    """Pure: the name in a Host header (`[::1]:8080` → `::1`, `localhost:8080` → `localhost`);
+    raises Refusal(400) for one that is not a host[:port] (parse_host)."""
+    return parse_host(host_header)[0]
 
 
 def machine_names(hosts_text: str, hostname: str) -> frozenset[str]:
@@ -107,11 +180,14 @@ def check_host(
     then read a loopback service as if it were its own origin; its requests still carry its
     name in Host, which no real user of a loopback dashboard sends. Loopback names and the
     machine's own (`allowed`, from machine_names) pass; so do requests that reached a LAN
-    address, and those without a Host header.
+    address, and those without a Host header. A Host that is not a host[:port] at all is
+    refused (400) wherever it arrived: parse_host.
     """
-    if local_address is None or host_header is None or not is_loopback_host(local_address):
+    if host_header is None:
         return
     name = host_name(host_header)
+    if local_address is None or not is_loopback_host(local_address):
+        return
     if is_loopback_host(name) or name.lower().rstrip(".") in allowed:
         return
     raise Refusal(
@@ -133,6 +209,15 @@ def _host_refusal(
     return None
 
 
+def two_hosts(count: int) -> Refusal:
+    """The refusal of a request with `count` (> 1) Host headers."""
+    return Refusal(
+        400,
+        f"{count} Host headers: a request names one host; with two, one reader may check one"
+        " name while another acts on the other (RFC 9112 section 3.2 says 400)",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class GuardConfig:
     token: str | None
@@ -141,6 +226,12 @@ class GuardConfig:
     proxy_prefix: str = "/v1/"
     json_prefix: str = "/api/"
     machine_names: frozenset[str] = frozenset()  # accepted on loopback besides loopback names
+    drain_limit: int = DRAIN_LIMIT
+    registration_path: str = "/api/nodes/heartbeat"
+
+    def is_proxied(self, path: str) -> bool:
+        """`/v1` and everything under it: forwarded to the model, so always token-guarded."""
+        return path.startswith(self.proxy_prefix) or path == self.proxy_prefix.rstrip("/")
 
 
 class Refusal(Exception):
@@ -151,15 +242,18 @@ class Refusal(Exception):
         self.headers = headers or {}
 
 
-def authorize(cfg: GuardConfig, method: str, authorization: str | None) -> None:
-    """Pure: raise Refusal(401) unless this request may act."""
-    if method.upper() in SAFE_METHODS:
+def authorize(
+    cfg: GuardConfig, method: str, authorization: str | None, path: str | None = None
+) -> None:
+    """Pure: raise Refusal(401) unless this request may go on. GET/HEAD are open, except on
+    `/v1` (`path`), where every request reaches the model."""
+    if method.upper() in SAFE_METHODS and not (path is not None and cfg.is_proxied(path)):
         return
     challenge = {"WWW-Authenticate": 'Bearer realm="corral"'}
     if not cfg.token:
         raise Refusal(
             401,
-            "this dashboard was started without a token, so it is read-only:"
+            "this dashboard was started without a token, so it is read-only and /v1 is closed:"
             " set CORRAL_TOKEN to allow actions",
             challenge,
         )
@@ -171,6 +265,23 @@ def authorize(cfg: GuardConfig, method: str, authorization: str | None) -> None:
         raise Refusal(401, "wrong token", challenge)
 
 
+def declared_length(values: list[str]) -> int | None:
+    """Pure: the body length the Content-Length headers declare (None: no header); Refusal(400)
+    for one that is not digits, or several that disagree."""
+    if not values:
+        return None
+    lengths = set()
+    for value in values:
+        for item in value.split(","):
+            text = item.strip()
+            if not text.isascii() or not text.isdigit() or len(text) > 18:
+                raise Refusal(400, f"Content-Length {value[:40]!r} is not a number")
+            lengths.add(int(text))
+    if len(lengths) > 1:
+        raise Refusal(400, "Content-Length headers disagree")
+    return lengths.pop()
+
+
 async def _send_json(send: Send, status: int, detail: str, headers: dict[str, str]) -> None:
     body = json.dumps({"detail": detail}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -180,16 +291,65 @@ async def _send_json(send: Send, status: int, detail: str, headers: dict[str, st
     await send({"type": "http.response.body", "body": body})
 
 
+class _Body:
+    """The request body as the server hands it over: one chunk at a time, never more."""
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.done = False  # the last chunk (or the client's departure) has been received
+        self.asked = False  # asked for (the server then sends `100 Continue` if expected)
+        self.read = 0
+
+    async def chunk(self) -> bytes:
+        self.asked = True
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            self.done = True
+            raise Refusal(400, "client went away before sending its body")
+        data: bytes = message.get("body", b"")
+        self.read += len(data)
+        if not message.get("more_body", False):
+            self.done = True
+        return data
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body, or Refusal(413) as soon as it passes `limit` bytes."""
+        chunks: list[bytes] = []
+        while not self.done:
+            data = await self.chunk()
+            if self.read > limit:
+                raise too_large(limit)
+            chunks.append(data)
+        return b"".join(chunks)
+
+    async def drain(self, budget: int) -> None:
+        """Read and drop what is left, up to `budget` bytes read in all."""
+        while not self.done and self.read <= budget:
+            try:
+                await self.chunk()
+            except Refusal:
+                return
+
+
+def too_large(limit: int) -> Refusal:
+    size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit / 2**10:g} KiB"
+    return Refusal(
+        413, f"request body larger than {limit} bytes ({size}), the most this route takes"
+    )
+
+
 class GuardMiddleware:
-    """Pure ASGI: token check, then the body read whole (bounded) and replayed to the app.
+    """Pure ASGI: Host, token, then the body read bounded and replayed to the app.
 
     Reading the body here means an oversized or unauthorised request never reaches a handler,
-    whatever the handler does with its body, and a refused request changes nothing.
+    whatever the handler does with its body, and a refused request changes nothing. A request
+    that declares no body (no Content-Length above 0, no Transfer-Encoding) goes straight on.
     """
 
-    def __init__(self, app: ASGIApp, cfg: GuardConfig) -> None:
+    def __init__(self, app: ASGIApp, cfg: GuardConfig, precheck: Precheck | None = None) -> None:
         self.app = app
         self.cfg = cfg
+        self.precheck = precheck
         # The same few (address, Host) pairs arrive on every request: decide each once.
         self._host_refusal = functools.lru_cache(maxsize=256)(
             functools.partial(_host_refusal, cfg.machine_names)
@@ -199,28 +359,62 @@ class GuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        server = scope.get("server")
-        host = next((v for k, v in scope["headers"] if k == b"host"), None)  # ASGI: lowercase
-        misdirected = self._host_refusal(server[0] if server else None, host)
-        if misdirected is not None:
-            await _send_json(send, misdirected.status, misdirected.detail, misdirected.headers)
+        hosts: list[bytes] = []
+        lengths: list[str] = []
+        chunked = False
+        authorization = content_type = None
+        expect_continue = False
+        for key, value in scope["headers"]:  # ASGI: names in lowercase
+            if key == b"host":
+                hosts.append(value)
+            elif key == b"content-length":
+                lengths.append(value.decode("latin-1"))
+            elif key == b"transfer-encoding":
+                chunked = True
+            elif key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"content-type":
+                content_type = value.decode("latin-1")
+            elif key == b"expect":
+                expect_continue = value.strip().lower() == b"100-continue"
+        body = _Body(receive)
+        try:
+            length = declared_length(lengths)
+        except Refusal as bad_length:  # the body's end is unknown: nothing to drain
+            await _send_json(send, bad_length.status, bad_length.detail, bad_length.headers)
             return
-        if scope["method"] in SAFE_METHODS:
+        has_body = chunked or bool(length)
+        server = scope.get("server")
+        misdirected = (
+            two_hosts(len(hosts))
+            if len(hosts) > 1
+            else self._host_refusal(server[0] if server else None, hosts[0] if hosts else None)
+        )
+        if misdirected is not None:
+            await self._refuse(misdirected, body, has_body, length, expect_continue, send)
+            return
+        method: str = scope["method"]
+        path: str = scope["path"]
+        proxied = self.cfg.is_proxied(path)
+        if method in SAFE_METHODS and not proxied and not has_body:  # the hot path: reads
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path: str = scope["path"]
-        limit = (
-            self.cfg.max_proxy_body if path.startswith(self.cfg.proxy_prefix) else self.cfg.max_body
-        )
+        limit = self.cfg.max_proxy_body if proxied else self.cfg.max_body
         try:
-            authorize(self.cfg, scope["method"], headers.get("authorization"))
-            body = await _read_body(receive, headers.get("content-length"), limit)
-            if body and path.startswith(self.cfg.json_prefix):
-                check_json_type(headers.get("content-type"))
-                check_json_body(body)
+            authorize(self.cfg, method, authorization, path)
+            if not has_body:
+                await self.app(scope, receive, send)
+                return
+            if length is not None and length > limit:
+                raise too_large(limit)
+            data = await body.read_all(limit)
+            if data and method not in SAFE_METHODS and path.startswith(self.cfg.json_prefix):
+                check_json_type(content_type)
+                value = check_json_body(data)
+                if path == self.cfg.registration_path and self.precheck is not None:
+                    self._registration(scope, value)
         except Refusal as refusal:
-            await _send_json(send, refusal.status, refusal.detail, refusal.headers)
+            await self._refuse(refusal, body, has_body, length, expect_continue, send)
             return
         replayed = False
 
@@ -228,10 +422,40 @@ class GuardMiddleware:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
+                return {"type": "http.request", "body": data, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _registration(self, scope: Scope, value: Any) -> None:
+        """A registration over its client's rate, or past the cap, is refused here, before
+        FastAPI validates it: a flood costs a JSON parse a request, not a full validation."""
+        node_id = value.get("node_id") if isinstance(value, dict) else None
+        client = scope.get("client")
+        if self.precheck is None or not isinstance(node_id, str) or not client:
+            return
+        refused = self.precheck(str(client[0]), node_id)
+        if refused is not None:
+            raise refused
+
+    async def _refuse(
+        self,
+        refusal: Refusal,
+        body: _Body,
+        has_body: bool,
+        length: int | None,
+        expect_continue: bool,
+        send: Send,
+    ) -> None:
+        """Answer `refusal` and close. A body still coming is read and dropped first (up to the
+        drain limit) so the client gets the answer, not a reset; one held back behind
+        `Expect: 100-continue` is never asked for."""
+        budget = self.cfg.drain_limit
+        waiting = expect_continue and not body.asked
+        fits = length is None or length <= budget
+        if has_body and not body.done and not waiting and fits:
+            await body.drain(budget)
+        await _send_json(send, refusal.status, refusal.detail, refusal.headers)
 
 
 def check_json_type(content_type: str | None) -> None:
@@ -243,10 +467,31 @@ def check_json_type(content_type: str | None) -> None:
         raise Refusal(415, f"send JSON with 'Content-Type: application/json', not {media!r}")
 
 
-def check_json_body(body: bytes) -> None:
-    """Pure: refuse a body that is not UTF-8 JSON, saying where it breaks."""
+def _no_constant(name: str) -> Any:
+    raise Refusal(
+        422,
+        f"body holds {name}, which is not JSON (RFC 8259 has no NaN or Infinity):"
+        " send a finite number, or null",
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Refusal(
+            422, f"body holds the number {text[:40]}, beyond what a double holds: send less"
+        )
+    return value
+
+
+def check_json_body(body: bytes) -> Any:
+    """Pure: the JSON value of `body`; Refusal for one that is not UTF-8 JSON, saying where it
+    breaks, and 422 for NaN, Infinity or a number past a double's range (Python would read
+    them; JSON has none)."""
     try:
-        json.loads(body.decode("utf-8"))
+        return json.loads(
+            body.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
     except UnicodeDecodeError as exc:
         raise Refusal(400, f"body is not UTF-8: {exc.reason} at byte {exc.start}") from None
     except ValueError as exc:
@@ -255,23 +500,150 @@ def check_json_body(body: bytes) -> None:
         raise Refusal(400, "body is not valid JSON: nested too deeply") from None
 
 
-async def _read_body(receive: Receive, content_length: str | None, limit: int) -> bytes:
-    too_big = Refusal(413, f"request body larger than {limit} bytes")
-    if content_length is not None:
-        if not content_length.isdigit():
-            raise Refusal(400, "Content-Length is not a number")
-        if int(content_length) > limit:
-            raise too_big
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Refusal(400, "client went away before sending its body")
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+# ---- node registrations ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rate: float = DEFAULT_REGISTRATION_RATE  # tokens a second
+    burst: float = DEFAULT_REGISTRATION_BURST  # the bucket's size
+
+    def __post_init__(self) -> None:
+        if not (self.rate > 0 and self.burst >= 1):
+            raise ValueError(f"rate limit {self.rate:g}/s, burst {self.burst:g}: need > 0 and >= 1")
+
+
+_EPSILON = 1e-6
+
+
+class TokenBuckets:
+    """Pure: one token bucket per key (a client address); the time is always passed in.
+
+    At most `max_keys` buckets are kept: past that, the ones that have refilled (idle long
+    enough to be full again) go first, then the least recently used.
+    """
+
+    def __init__(self, limit: RateLimit, max_keys: int = 4096) -> None:
+        self.limit = limit
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def wait(self, key: str, now: float) -> float:
+        """Seconds until `key` has a token (0.0: it has one now); takes nothing."""
+        tokens, at = self._buckets.get(key, (self.limit.burst, now))
+        tokens = min(self.limit.burst, tokens + max(0.0, now - at) * self.limit.rate)
+        return 0.0 if tokens >= 1 - _EPSILON else (1 - tokens) / self.limit.rate
+
+    def take(self, key: str, now: float) -> float:
+        """Take one token for `key`: 0.0 when taken, else the seconds until one is there."""
+        rate, burst = self.limit.rate, self.limit.burst
+        tokens, at = self._buckets.pop(key, (burst, now))
+        tokens = min(burst, tokens + max(0.0, now - at) * rate)
+        wait = 0.0
+        if tokens >= 1 - _EPSILON:  # wall-clock seconds near 1.7e9 carry ~1e-7 of rounding
+            tokens = max(0.0, tokens - 1)
+        else:
+            wait = (1 - tokens) / rate
+        self._buckets[key] = (tokens, now)  # last: the most recently used
+        if len(self._buckets) > self.max_keys:
+            self._prune(now)
+        return wait
+
+    def _prune(self, now: float) -> None:
+        rate, burst = self.limit.rate, self.limit.burst
+        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]
+        for key in full:
+            del self._buckets[key]
+        while len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class NodeAdmission:
+    """Pure: which node heartbeats the API takes; the time is always passed in.
+
+    A heartbeat from a live node (same id, same endpoint, within its TTL) is always taken and
+    costs nothing. Anything else is a new registration: refused (429, Retry-After) when
+    `max_nodes` other nodes are live, or when its client address has used up its token bucket;
+    refusing one consumes nothing. The table holds at most `max_nodes` entries.
+    """
+
+    def __init__(self, max_nodes: int = DEFAULT_MAX_NODES, limit: RateLimit | None = None) -> None:
+        if max_nodes < 1:
+            raise ValueError(f"--max-nodes {max_nodes}: at least 1")
+        self.max_nodes = max_nodes
+        self.limit = limit or RateLimit()
+        self.buckets = TokenBuckets(self.limit)
+        self._nodes: dict[str, tuple[str, float]] = {}  # node_id -> (endpoint, expires at)
+
+    def seed(self, nodes: Iterable[tuple[str, str, float]]) -> None:
+        """Nodes already live in the store (node_id, endpoint, expires at): heartbeats of theirs
+        are not new registrations. Up to the cap."""
+        for node_id, endpoint, expires_at in nodes:
+            if len(self._nodes) >= self.max_nodes:
+                return
+            self._nodes[node_id] = (endpoint, expires_at)
+
+    def live(self, now: float) -> int:
+        return sum(1 for _, expires in self._nodes.values() if expires > now)
+
+    def admit(
+        self, client: str, node_id: str, endpoint: str, ttl_s: float, now: float
+    ) -> Refusal | None:
+        """None, with the node noted live for `ttl_s` from `now`; or why not (429)."""
+        known = self._nodes.get(node_id)
+        if known is not None and known[0] == endpoint and known[1] > now:
+            self._nodes[node_id] = (endpoint, now + ttl_s)
+            return None
+        refused = self._refusal(client, node_id, now, take=True)
+        if refused is None:
+            self._nodes[node_id] = (endpoint, now + ttl_s)
+        return refused
+
+    def precheck(self, client: str, node_id: str, now: float) -> Refusal | None:
+        """The refusal `admit` would give a new registration of `node_id` from `client` now,
+        taking nothing; None for a live node id (its endpoint is checked by `admit`). Lets the
+        guard turn a flood away before any validation runs."""
+        known = self._nodes.get(node_id)
+        if known is not None and known[1] > now:
+            return None
+        return self._refusal(client, node_id, now, take=False)
+
+    def _refusal(self, client: str, node_id: str, now: float, take: bool) -> Refusal | None:
+        others = len(self._nodes) - (node_id in self._nodes)
+        if others >= self.max_nodes:
+            self._expire(now)
+            others = len(self._nodes) - (node_id in self._nodes)
+        if others >= self.max_nodes:
+            wait = min(expires for _, expires in self._nodes.values()) - now
+            return Refusal(
+                429,
+                f"{others} nodes are registered, the most this dashboard takes (--max-nodes"
+                f" {self.max_nodes}); a place frees when one stops sending heartbeats",
+                {"Retry-After": _retry_after(wait)},
+            )
+        wait = self.buckets.take(client, now) if take else self.buckets.wait(client, now)
+        if wait > 0:
+            return Refusal(
+                429,
+                f"too many new node registrations from {client}: at most"
+                f" {self.limit.rate:g} a second, {self.limit.burst:g} at once; heartbeats of"
+                " registered nodes are not counted",
+                {"Retry-After": _retry_after(wait)},
+            )
+        return None
+
+    def forget(self, node_id: str) -> None:
+        """Undo an admission whose registration could not be stored."""
+        self._nodes.pop(node_id, None)
+
+    def _expire(self, now: float) -> None:
+        for node_id in [n for n, (_, expires) in self._nodes.items() if expires <= now]:
+            del self._nodes[node_id]
+
+
+def _retry_after(seconds: float) -> str:
+    """Retry-After in whole seconds (RFC 9110: delay-seconds), at least 1."""
+    return str(max(1, math.ceil(seconds)))

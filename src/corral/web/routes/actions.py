@@ -1,7 +1,10 @@
 """The token-guarded POSTs (rescan, coordinator restart, node heartbeat) and the jobs they start.
 
 GuardMiddleware checks the token and the body before any of these run; the refusals it sends
-are documented here, on each action, along with `HTTPBearer` for the schema.
+are documented here, on each action, along with `HTTPBearer` for the schema. The heartbeat is
+bounded besides (the app's NodeAdmission): a cap on live nodes and a rate of new registrations
+per client address, 429 with Retry-After past either; a registered node's heartbeat always
+passes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends
+from fastapi import APIRouter, Body, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPBearer
 
@@ -27,11 +30,27 @@ router = APIRouter(dependencies=[Depends(HTTPBearer(auto_error=False, descriptio
 def _responses(conflict: str | None = None) -> dict[int | str, dict[str, Any]]:
     """The guard's refusals, and a 409 saying `conflict` when there is one."""
     out: dict[int | str, dict[str, Any]] = {
-        400: {"model": ErrorOut, "description": "Body is not UTF-8 JSON"},
+        400: {
+            "model": ErrorOut,
+            "description": "Body is not UTF-8 JSON, or the Host header is not one host[:port]",
+        },
         401: {"model": ErrorOut, "description": "Missing or wrong token"},
         413: {"model": ErrorOut, "description": "Body too large"},
         415: {"model": ErrorOut, "description": "Body is not JSON"},
         421: {"model": ErrorOut, "description": "Came in on loopback for another host's name"},
+        422: {
+            "description": "Body holds NaN or Infinity (the guard says which), or fails validation",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": "#/components/schemas/ErrorOut"},
+                            {"$ref": "#/components/schemas/HTTPValidationError"},
+                        ]
+                    }
+                }
+            },
+        },
     }
     if conflict is not None:
         out[409] = {"model": ErrorOut, "description": conflict}
@@ -78,17 +97,43 @@ async def restart_coordinator(
     return _accepted(f"restarting: {reason}")
 
 
+_TOO_MANY: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorOut,
+        "description": "As many nodes live as --max-nodes, or new registrations from this"
+        " address too fast; a registered node's heartbeat is never refused so",
+        "headers": {
+            "Retry-After": {
+                "description": "Seconds until a registration may pass",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
+
+
 @router.post(
     "/api/nodes/heartbeat",
     response_model=HeartbeatOut,
     tags=["nodes"],
-    responses=_responses(),
+    responses={**_responses(), **_TOO_MANY},
 )
-async def heartbeat(ctx: Ctx, body: HeartbeatIn) -> Response:
+async def heartbeat(ctx: Ctx, request: Request, body: HeartbeatIn) -> Response:
     reg = body.to_registration(received_at=time.time())
-    await ctx.store.register_node(reg)
+    client = request.client.host if request.client is not None else "unknown"
+    node_id, endpoint = reg.node_id, str(reg.endpoint)
+    refused = ctx.nodes.admit(client, node_id, endpoint, reg.ttl_s, ctx.clock())
+    if refused is not None:
+        return JSONResponse(
+            {"detail": refused.detail}, status_code=refused.status, headers=refused.headers
+        )
+    try:
+        await ctx.store.register_node(reg)
+    except BaseException:
+        ctx.nodes.forget(node_id)  # not stored: its place is free again
+        raise
     ctx.live.poke()
-    out = {"node_id": reg.node_id, "endpoint": str(reg.endpoint), "ttl_s": reg.ttl_s}
+    out = {"node_id": node_id, "endpoint": endpoint, "ttl_s": reg.ttl_s}
     return Response(dumps(out), media_type=JSON)
 
 

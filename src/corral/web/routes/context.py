@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from corral.web.control import CoordinatorControl, Rescan
 from corral.web.live import LiveView
 from corral.web.metrics import Figures
 from corral.web.proxy import Forwarder
+from corral.web.security import NodeAdmission
 
 JSON = "application/json"
 
@@ -48,6 +50,10 @@ class AppContext:
     page: bytes
     page_csp: str
     jobs: Jobs = field(default_factory=Jobs)
+    # Which node heartbeats the API takes (cap on live nodes, rate of new ones per address),
+    # on `clock` (wall time: the store's registrations expire by it too).
+    nodes: NodeAdmission = field(default_factory=NodeAdmission)
+    clock: Callable[[], float] = time.time
 
 
 def app_context(app: FastAPI) -> AppContext:
