@@ -82,6 +82,7 @@ def run(
     from corral.llama.probing import installed_prober
     from corral.paths import state_dir
     from corral.rpc.held import HeldBackends
+    from corral.store.errors import StateFileError
     from corral.store.factory import open_store
 
     try:
@@ -126,7 +127,10 @@ def run(
             await asyncio.to_thread(release, pid_path)
             await store.close()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StateFileError as exc:  # the state file locked or damaged: one line, no traceback
+        fail(str(exc))
 
 
 async def _read_record(redis: str | None) -> CoordinatorRecord | None:
@@ -177,6 +181,7 @@ def status(
 
     from corral.coordinator.pidfile import pidfile_path, read_owner
     from corral.paths import state_dir
+    from corral.store.errors import StateFileError
 
     async def gather() -> dict[str, Any]:
         record = await _read_record(redis)
@@ -193,7 +198,10 @@ def status(
             out["state"] = f"{record.state} (stale: no coordinator running)"
         return out
 
-    info = asyncio.run(gather())
+    try:
+        info = asyncio.run(gather())
+    except StateFileError as exc:  # the state file locked or damaged: one line, no traceback
+        fail(str(exc))
     if json_out:
         print(json.dumps(info, indent=2, sort_keys=True))
         return

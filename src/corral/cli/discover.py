@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from corral.cli.console import bad_input, stdout, warnings
+from corral.cli.console import bad_input, fail, stdout, warnings
 from corral.cli.options import (
     BackendsFileOpt,
     CidrOpt,
@@ -100,6 +100,7 @@ def discover(
     from corral.llama.probing import installed_prober
     from corral.rpc.held import HeldBackends
     from corral.sources.scan import ScanError, ScanSource
+    from corral.store.errors import StateFileError
     from corral.types import Backend, SourceName
 
     check_timeout(timeout)
@@ -126,6 +127,8 @@ def discover(
         report = asyncio.run(_scan_remembering(source, prober, held, redis))
     except ValueError as exc:  # a bad --redis URL
         bad_input(str(exc))
+    except StateFileError as exc:  # the state file locked or damaged: one line, no traceback
+        fail(str(exc))
     warnings(report.warnings)
     backends = [
         Backend(s.endpoint, [SourceName.SCAN], report.probes[str(s.endpoint)])
@@ -191,6 +194,7 @@ def backends(
     from corral.rpc.held import HeldBackends
     from corral.sources.chain import ChainError, ChainOptions, build_chain, parse_source_names
     from corral.sources.scan import ScanError, ScanSource
+    from corral.store.errors import StateFileError
 
     check_timeout(timeout)
     check_timeout(scan_timeout, "--scan-timeout")
@@ -219,6 +223,8 @@ def backends(
         result = asyncio.run(_run_backends(names, options, prober, held, redis, json_out, console))
     except ValueError as exc:  # a bad --redis URL
         bad_input(str(exc))
+    except StateFileError as exc:  # the state file locked or damaged: one line, no traceback
+        fail(str(exc))
     warnings(result.warnings)
     if json_out:
         print(backends_json(result.backends))

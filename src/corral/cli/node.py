@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from corral.cli.console import bad_input
+from corral.cli.console import bad_input, fail
 from corral.cli.options import RedisOpt
 
 
@@ -53,6 +53,7 @@ def node(
     from corral.cli.llama import binaries_missing
     from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
     from corral.node.run import NodeOptions, NodeOptionsError, check_bind_host, run_node
+    from corral.store.errors import StateFileError
 
     binaries: LlamaBinaries | None = None
     if not attach:
@@ -80,4 +81,6 @@ def node(
         code = asyncio.run(run_node(opts, binaries))
     except (NodeOptionsError, ValueError) as exc:
         bad_input(str(exc))
+    except StateFileError as exc:  # the state file locked or damaged: one line, no traceback
+        fail(str(exc))
     raise typer.Exit(code)

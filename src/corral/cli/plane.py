@@ -15,8 +15,11 @@ from corral.cli.console import bad_input, fail, say, warn
 from corral.cli.options import (
     DASHBOARD_HOST,
     DASHBOARD_PORT,
+    FORGET_AFTER_S,
     LLAMA_HOST,
     LLAMA_PORT,
+    MAX_BACKENDS,
+    MAX_NODES,
     BackendOpt,
     BackendsFileOpt,
     CidrOpt,
@@ -27,6 +30,7 @@ from corral.cli.options import (
     DiscoverEveryOpt,
     DrainTimeoutOpt,
     ExtraArgs,
+    ForgetAfterOpt,
     GpuLayersOpt,
     InsecureOpt,
     LargeOpt,
@@ -34,6 +38,8 @@ from corral.cli.options import (
     LlamaPortOpt,
     LocalFallbackOpt,
     LoopbackOpt,
+    MaxBackendsOpt,
+    MaxNodesOpt,
     MinBackendsOpt,
     OnChangeOpt,
     ParallelOpt,
@@ -68,6 +74,8 @@ def _watch(
     scan_timeout: float,
     recheck: float,
     discover_every: float,
+    forget_after: float,
+    max_backends: int,
 ) -> WatchPlan:
     from corral.llama.probing import prober_for
     from corral.plane.plane import WatchPlan
@@ -92,7 +100,14 @@ def _watch(
                 src.networks()
             except ScanError as exc:
                 bad_input(str(exc))
-    return WatchPlan(names, chain, recheck, discover_every)
+    return WatchPlan(
+        names,
+        chain,
+        recheck,
+        discover_every,
+        forget_after_s=forget_after,
+        max_backends=max_backends,
+    )
 
 
 def _token() -> str | None:
@@ -114,7 +129,7 @@ def _announce(token: str | None) -> Callable[[Plane], None]:
     def announce(plane: Plane) -> None:
         say(f"dashboard: {plane.dashboard_url}/")
         if token:
-            say("actions (POST) need 'Authorization: Bearer $CORRAL_TOKEN'")
+            say("actions (POST) and /v1 need 'Authorization: Bearer $CORRAL_TOKEN'")
         else:
             say("no CORRAL_TOKEN: the dashboard is read-only (every POST answers 401)")
         if plane.runner is not None:
@@ -130,7 +145,11 @@ def _run(cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float) -> No
 
     from corral.llama.probing import prober_for
     from corral.plane.plane import PlaneError, run_plane, stop_on_signals
+    from corral.store.errors import StateFileError
     from corral.web.security import InsecureBindError
+    from corral.web.server import raise_fd_limit
+
+    raise_fd_limit()  # before the prober and the dashboard size themselves by it
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -148,6 +167,8 @@ def _run(cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float) -> No
         asyncio.run(main())
     except PlaneError as exc:
         fail(str(exc), exc.code)
+    except StateFileError as exc:  # the state file locked or damaged: one line, no traceback
+        fail(str(exc))
     except InsecureBindError as exc:
         bad_input(str(exc))
 
@@ -159,6 +180,9 @@ def dashboard(
     redis: RedisOpt = None,
     recheck: RecheckOpt = 2.0,
     discover_every: DiscoverEveryOpt = 60.0,
+    forget_after: ForgetAfterOpt = FORGET_AFTER_S,
+    max_backends: MaxBackendsOpt = MAX_BACKENDS,
+    max_nodes: MaxNodesOpt = MAX_NODES,
     sources: SourcesOpt = None,
     backends_file: BackendsFileOpt = None,
     cidr: CidrOpt = None,
@@ -195,6 +219,8 @@ def dashboard(
         scan_timeout,
         recheck,
         discover_every,
+        forget_after,
+        max_backends,
     )
     try:
         binaries: LlamaBinaries | None = find_binaries()
@@ -209,6 +235,7 @@ def dashboard(
         insecure=insecure,
         coordinator_url=coordinator_url,
         redis_url=redis,
+        max_nodes=max_nodes,
     )
     _run(cfg, binaries, timeout)
 
@@ -224,6 +251,9 @@ def up(
     redis: RedisOpt = None,
     recheck: RecheckOpt = 2.0,
     discover_every: DiscoverEveryOpt = 60.0,
+    forget_after: ForgetAfterOpt = FORGET_AFTER_S,
+    max_backends: MaxBackendsOpt = MAX_BACKENDS,
+    max_nodes: MaxNodesOpt = MAX_NODES,
     sources: SourcesOpt = None,
     backends_file: BackendsFileOpt = None,
     cidr: CidrOpt = None,
@@ -271,6 +301,8 @@ def up(
         scan_timeout,
         recheck,
         discover_every,
+        forget_after,
+        max_backends,
     )
     settings = coordinator_settings_from(params, host=coordinator_host, port=coordinator_port)
     check_model(model)
@@ -301,5 +333,6 @@ def up(
         insecure=insecure,
         coordinator=plan,
         redis_url=redis,
+        max_nodes=max_nodes,
     )
     _run(cfg, binaries, timeout)
