@@ -13,6 +13,7 @@
 - guarded.py: the app with any create_app option on a socket, raw HTTP exchanges, a /v1 stand-in.
 - sources.py: ListedSource, a discovery source that sees what the test lists.
 - corral_cli.py: the `corral` console script as a subprocess, and its --json contract.
+- state_files.py: what damages a state file in use, and another process holding one open.
 - netns.py: an isolated two-namespace LAN, and the helper processes run inside it.
 - schemathesis_hooks.py: the endpoint strategy schemathesis loads (SCHEMATHESIS_HOOKS).
 """
