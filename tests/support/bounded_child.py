@@ -4,7 +4,8 @@
 of /dev/zero fails with MemoryError instead of taking the machine's memory) and a bound on how
 long it may run (it is killed by its PID past it: a read of a FIFO cannot hang the test run).
 The result has the exit status, the output, whether it had to be killed, and the child's peak
-resident memory as the kernel counted it (wait4's rusage).
+resident memory since its exec (VmHWM): wait4's ru_maxrss is no use here, because a forked child
+starts with the parent's high-water mark (a pytest process deep into the suite: 200 MB).
 """
 
 from __future__ import annotations
@@ -18,6 +19,30 @@ import time
 from dataclasses import dataclass
 
 ADDRESS_SPACE = 2 << 30  # bytes of virtual memory the child may map
+# Run in the child: the code given, then its own peak memory to a file (also after an error).
+_WRAPPER = """
+import atexit, sys
+def _peak(path=sys.argv[1]):
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(path, "w").write(line.split()[1])
+atexit.register(_peak)
+code = sys.argv[2]
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+exec(compile(code, "<bounded>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def _hwm_kb(pid: int) -> int:
+    """The running child's peak resident memory (kB), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 @dataclass
@@ -40,18 +65,24 @@ def _limits(address_space: int) -> None:  # in the child, before exec
 def run_bounded(
     code: str, *args: str, timeout_s: float = 15.0, address_space: int = ADDRESS_SPACE
 ) -> ChildRun:
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile() as peak,
+    ):
         start = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
+            [sys.executable, "-c", _WRAPPER, peak.name, code, *args],
             stdout=out,
             stderr=err,
             stdin=subprocess.DEVNULL,
             preexec_fn=lambda: _limits(address_space),
         )
         killed = False
+        hwm_kb = 0
         while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            hwm_kb = max(hwm_kb, _hwm_kb(proc.pid))
+            pid, status, _usage = os.wait4(proc.pid, os.WNOHANG)
             if pid == proc.pid:
                 break
             if not killed and time.monotonic() - start > timeout_s:
@@ -66,6 +97,6 @@ def run_bounded(
             None if killed else proc.returncode,
             out.read().decode(errors="replace"),
             err.read().decode(errors="replace"),
-            usage.ru_maxrss / 1024,
+            max(hwm_kb, int(peak.read() or 0)) / 1024,
             seconds,
         )
