@@ -184,3 +184,35 @@ def test_the_links_of_a_dead_unreaped_llama_server_read_as_unknown() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+CONNECTED = """
+import socket, sys, time
+listener = socket.create_server(("127.0.0.1", 0))
+peer = socket.create_connection(listener.getsockname())
+if sys.argv[1] == "close":
+    listener.close()  # what a dying llama-server looks like: connections, no listener
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("listening", [True, False])
+def test_links_are_read_only_from_a_process_that_still_listens(listening: bool) -> None:
+    """A killed llama-server loses its sockets before it becomes a zombie; read mid-way, it
+    shows its backend links without its HTTP listener. That must read as "cannot tell"."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CONNECTED, "keep" if listening else "close"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        links = read_links(child.pid)
+        if listening:
+            assert links is not None and any(link.status == "ESTABLISHED" for link in links)
+        else:
+            assert links is None
+    finally:
+        child.kill()
+        child.wait()

@@ -65,15 +65,18 @@ def judge(
 def read_links(pid: int) -> list[Link] | None:
     """llama-server's TCP connections; None when it cannot be read. Blocking: use a thread.
 
-    A process that died but is not reaped yet (a zombie) has no sockets: that is "cannot tell",
-    never "no connections", which would read as every held backend lost (a failover instead of
-    the crash it is)."""
+    A dying process loses its sockets before it becomes a zombie, and a zombie has none: that
+    is "cannot tell", never "no connections", which would read as every held backend lost (a
+    failover instead of the crash it is). A llama-server that serves listens on its HTTP port;
+    without that listener its other sockets say nothing either (dying, or not up yet)."""
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         conns = proc.net_connections(kind="tcp")
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+    if not any(c.status == psutil.CONN_LISTEN for c in conns):
         return None
     return [Link(c.raddr.ip, c.raddr.port, c.status) for c in conns if c.raddr]
 
