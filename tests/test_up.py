@@ -18,9 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +38,7 @@ from corral.sources.chain import ChainOptions, build_chain
 from corral.store.base import CoordinatorRecord, NodeRegistration
 from corral.store.sqlite import EmbeddedStore
 from corral.types import CoordinatorState, SourceName, Status
+from tests.support.corral_up import Up, children_of, corral_up
 from tests.support.loopback import free_port
 from tests.support.rpc_backends import StartRpc
 from tests.support.waiting import holds_for, until
@@ -82,103 +80,6 @@ async def corral(
     return proc.returncode, out.decode(), err.decode()
 
 
-@dataclass
-class Up:
-    proc: asyncio.subprocess.Process
-    base: str
-    coordinator_port: int
-    log: Path
-    conf: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.base, timeout=10, trust_env=False)
-
-    async def get(self, path: str) -> Any:
-        async with self.client() as c:
-            reply = await c.get(path)
-        reply.raise_for_status()
-        return reply.json()
-
-    async def coordinator(self) -> dict[str, Any]:
-        data: dict[str, Any] = await self.get("/api/coordinator")
-        return data
-
-    async def backends(self) -> dict[str, dict[str, Any]]:
-        return {f"{b['host']}:{b['port']}": b for b in await self.get("/api/rpc_backends")}
-
-    async def wait_serving(self, want: set[Endpoint], seconds: float = 20) -> dict[str, Any]:
-        last: dict[str, Any] = {}
-
-        async def serving() -> bool:
-            nonlocal last
-            last = await self.coordinator()
-            return last["state"] == "serving" and set(last["backends"]) == {str(e) for e in want}
-
-        try:
-            await until(serving, seconds, f"serving with {sorted(map(str, want))}")
-        except AssertionError:
-            raise AssertionError(f"last: {last}\n{self.output()}") from None
-        return last
-
-
-@asynccontextmanager
-async def corral_up(
-    tmp_path: Path, backends: list[Endpoint], model: Path, *extra: str
-) -> AsyncIterator[Up]:
-    port, cport = free_port("127.0.0.1"), free_port("127.0.0.1")
-    conf = tmp_path / "rpc_backends.conf"
-    conf.write_text("".join(f"{b}\n" for b in backends))
-    log = tmp_path / f"up-{port}.out"
-    args = ["--port", str(port), "--coordinator-port", str(cport), "--sources", "file"]
-    args += ["--backends-file", str(conf), "--model", str(model), "--tensor-split", "1,1"]
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "corral",
-            "up",
-            *args,
-            *extra,
-            env=_env(tmp_path),
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    up = Up(proc, f"http://127.0.0.1:{port}", cport, log, conf)
-    children: set[int] = set()
-    try:
-
-        async def answers() -> bool:
-            children.update(_children(proc.pid))
-            if proc.returncode is not None:
-                raise AssertionError(f"corral up exited {proc.returncode}:\n{up.output()}")
-            try:
-                await up.get("/healthz")
-            except httpx.HTTPError:
-                return False
-            return True
-
-        await until(answers, 20, "the dashboard of corral up")
-        yield up
-    finally:
-        children.update(_children(proc.pid))
-        if proc.returncode is None:
-            proc.kill()  # by its PID: the process this test started
-            await proc.wait()
-        for pid in children:  # its llama-servers die with it; make sure, by their PIDs
-            with contextlib.suppress(psutil.NoSuchProcess):
-                psutil.Process(pid).kill()
-
-
-def _children(pid: int) -> set[int]:
-    try:
-        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
-    except psutil.NoSuchProcess:
-        return set()
-
-
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -205,7 +106,7 @@ async def test_up_serves_both_backends_and_answers_through_v1(
     rpc_server: StartRpc, tiny_model: Path, tmp_path: Path
 ) -> None:
     (a, _), (b, _) = await rpc_server(), await rpc_server()
-    async with corral_up(tmp_path, [a, b], tiny_model) as up:
+    async with corral_up(tmp_path, [a, b], tiny_model, "--tensor-split", "1,1", token=TOKEN) as up:
         coord = await up.wait_serving({a, b})
         assert coord["pid"] and coord["port"] == up.coordinator_port
         listed: dict[str, dict[str, Any]] = {}
@@ -239,7 +140,7 @@ async def test_restart_needs_the_token_and_restarts_exactly_once(
     rpc_server: StartRpc, tiny_model: Path, tmp_path: Path
 ) -> None:
     (a, _), (b, _) = await rpc_server(), await rpc_server()
-    async with corral_up(tmp_path, [a, b], tiny_model) as up:
+    async with corral_up(tmp_path, [a, b], tiny_model, "--tensor-split", "1,1", token=TOKEN) as up:
         first = await up.wait_serving({a, b})
         async with up.client() as c:
             refused = await c.post("/api/coordinator/restart", json={"reason": "no token"})
@@ -280,7 +181,7 @@ async def test_killed_backend_is_offline_within_three_seconds(
 ) -> None:
     (a, _), (b, b_child) = await rpc_server(), await rpc_server()
     assert b_child.pid is not None
-    async with corral_up(tmp_path, [a, b], tiny_model) as up:
+    async with corral_up(tmp_path, [a, b], tiny_model, "--tensor-split", "1,1", token=TOKEN) as up:
         await up.wait_serving({a, b})
         os.kill(b_child.pid, signal.SIGKILL)  # the backend this test started
         killed = time.monotonic()
@@ -300,7 +201,7 @@ async def test_rescan_finds_a_backend_added_to_the_file(
 ) -> None:
     """Discovery runs every 60 s by default: only the rescan can find the new one this soon."""
     (a, _), (b, _) = await rpc_server(), await rpc_server()
-    async with corral_up(tmp_path, [a], tiny_model) as up:
+    async with corral_up(tmp_path, [a], tiny_model, "--tensor-split", "1,1", token=TOKEN) as up:
         await up.wait_serving({a})
         assert set(await up.backends()) == {str(a)}
         up.conf.write_text(f"{a}\n{b}\n")
@@ -327,9 +228,9 @@ async def test_sigterm_stops_everything_and_leaves_no_child(
     rpc_server: StartRpc, tiny_model: Path, tmp_path: Path
 ) -> None:
     (a, _), (b, _) = await rpc_server(), await rpc_server()
-    async with corral_up(tmp_path, [a, b], tiny_model) as up:
+    async with corral_up(tmp_path, [a, b], tiny_model, "--tensor-split", "1,1", token=TOKEN) as up:
         coord = await up.wait_serving({a, b})
-        children = _children(up.proc.pid)
+        children = children_of(up.proc.pid)
         assert coord["pid"] in children
         up.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(up.proc.wait(), 20)
@@ -348,9 +249,9 @@ async def test_sigkill_of_corral_up_takes_its_llama_server_along(
 ) -> None:
     """No clean-up runs on SIGKILL: the kernel ends the children (PR_SET_PDEATHSIG)."""
     (a, _), (b, _) = await rpc_server(), await rpc_server()
-    async with corral_up(tmp_path, [a, b], tiny_model) as up:
+    async with corral_up(tmp_path, [a, b], tiny_model, "--tensor-split", "1,1", token=TOKEN) as up:
         coord = await up.wait_serving({a, b})
-        children = _children(up.proc.pid)
+        children = children_of(up.proc.pid)
         assert coord["pid"] in children
         up.proc.kill()  # the process this test started
         await up.proc.wait()
@@ -412,7 +313,7 @@ async def test_demo_runs_until_interrupted_and_leaves_nothing(
     children: set[int] = set()
     try:
         await until(lambda: "Ctrl-C stops it all" in log.read_text(), 30, "the demo running")
-        children = _children(proc.pid)
+        children = children_of(proc.pid)
         assert len(children) == 3  # two ggml-rpc-servers and a llama-server
         async with httpx.AsyncClient(trust_env=False) as c:
             coord = (await c.get(f"http://127.0.0.1:{dport}/api/coordinator")).json()

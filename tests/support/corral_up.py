@@ -1,7 +1,7 @@
 """`corral up` as a user runs it, for tests that look at what it serves; and another client
 holding a real ggml-rpc-server.
 
-- `corral_up(tmp_path, backends, model, token=...)`: the real command in a subprocess, the
+- `corral_up(tmp_path, backends, model, *extra, token=...)`: the real command in a subprocess, the
   backends listed in a file (the only source: never the default chain, which would browse mDNS
   and scan this machine's networks), its own state and config directories. Yields once its
   dashboard answers; stops it, and whatever children it left, by PID.
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -34,17 +35,42 @@ from tests.support.waiting import until
 class Up:
     proc: asyncio.subprocess.Process
     base: str
+    coordinator_port: int
     log: Path
+    conf: Path
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.base, timeout=10, trust_env=False)
 
-def _children(pid: int) -> set[int]:
-    try:
-        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
-    except psutil.NoSuchProcess:
-        return set()
+    async def get(self, path: str) -> Any:
+        async with self.client() as c:
+            reply = await c.get(path)
+        reply.raise_for_status()
+        return reply.json()
+
+    async def coordinator(self) -> dict[str, Any]:
+        data: dict[str, Any] = await self.get("/api/coordinator")
+        return data
+
+    async def backends(self) -> dict[str, dict[str, Any]]:
+        return {f"{b['host']}:{b['port']}": b for b in await self.get("/api/rpc_backends")}
+
+    async def wait_serving(self, want: set[Endpoint], seconds: float = 20) -> dict[str, Any]:
+        last: dict[str, Any] = {}
+
+        async def serving() -> bool:
+            nonlocal last
+            last = await self.coordinator()
+            return last["state"] == "serving" and set(last["backends"]) == {str(e) for e in want}
+
+        try:
+            await until(serving, seconds, f"serving with {sorted(map(str, want))}")
+        except AssertionError:
+            raise AssertionError(f"last: {last}\n{self.output()}") from None
+        return last
 
 
 @asynccontextmanager
@@ -58,7 +84,7 @@ async def corral_up(
     env = isolated_env(tmp_path / "state")
     env["CORRAL_TOKEN"] = token
     args = ["--port", str(port), "--coordinator-port", str(cport), "--sources", "file"]
-    args += ["--backends-file", str(conf), "--model", str(model), *extra]
+    args += ["--backends-file", str(conf), "--model", str(model)]
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -66,34 +92,43 @@ async def corral_up(
             "corral",
             "up",
             *args,
+            *extra,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
         )
-    up = Up(proc, f"http://127.0.0.1:{port}", log)
+    up = Up(proc, f"http://127.0.0.1:{port}", cport, log, conf)
     children: set[int] = set()
     try:
-        async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
 
-            async def answers() -> bool:
-                children.update(_children(proc.pid))
-                if proc.returncode is not None:
-                    raise AssertionError(f"corral up exited {proc.returncode}:\n{up.output()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    return (await client.get(f"{up.base}/healthz")).status_code == 200
+        async def answers() -> bool:
+            children.update(children_of(proc.pid))
+            if proc.returncode is not None:
+                raise AssertionError(f"corral up exited {proc.returncode}:\n{up.output()}")
+            try:
+                await up.get("/healthz")
+            except httpx.HTTPError:
                 return False
+            return True
 
-            await until(answers, 20, "the dashboard of corral up")
+        await until(answers, 20, "the dashboard of corral up")
         yield up
     finally:
-        children.update(_children(proc.pid))
+        children.update(children_of(proc.pid))
         if proc.returncode is None:
             proc.kill()  # by its PID: the process this test started
             await proc.wait()
         for pid in children:  # its llama-servers die with it; make sure, by their PIDs
             with contextlib.suppress(psutil.NoSuchProcess):
                 psutil.Process(pid).kill()
+
+
+def children_of(pid: int) -> set[int]:
+    try:
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 @asynccontextmanager
