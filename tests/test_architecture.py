@@ -25,27 +25,28 @@ def lint(tree: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def broken_copy(tmp_path: Path, module: str, line: str) -> Path:
+    """A copy of the tree with `line` appended to `module` (a path under src/corral)."""
+    shutil.copytree(ROOT / "src", tmp_path / "src")
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    target = tmp_path / "src/corral" / module
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
+    return tmp_path
+
+
 def test_the_tree_keeps_every_contract() -> None:
     done = lint(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_coordinator_that_imports_the_page_breaks_the_contracts(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "src", tmp_path / "src")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    policy = tmp_path / "src/corral/coordinator/policy.py"
-    policy.write_text(policy.read_text() + "\nfrom corral.web import schemas  # noqa\n")
-    done = lint(tmp_path)
+    done = lint(broken_copy(tmp_path, "coordinator/policy.py", "from corral.web import schemas"))
     assert done.returncode == 1
     assert "corral.coordinator.policy -> corral.web.schemas" in done.stdout
     assert "The coordinator is driven; it never knows the page BROKEN" in done.stdout
 
 
 def test_a_store_import_in_the_protocol_breaks_the_contracts(tmp_path: Path) -> None:
-    shutil.copytree(ROOT / "src", tmp_path / "src")
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    protocol = tmp_path / "src/corral/rpc/protocol.py"
-    protocol.write_text(protocol.read_text() + "\nfrom corral.store import base  # noqa\n")
-    done = lint(tmp_path)
+    done = lint(broken_copy(tmp_path, "rpc/protocol.py", "from corral.store import base"))
     assert done.returncode == 1
     assert "The wire protocol and the probe know nothing of the store BROKEN" in done.stdout

@@ -153,7 +153,7 @@ def test_pidfile_claims_once_and_ignores_dead_or_reused_pids(tmp_path: Path) -> 
     assert owner is not None and owner.pid == os.getpid()
     claim(path)  # ourselves again: fine
     # A live process that holds it: refused.
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
         import psutil
 
@@ -176,7 +176,7 @@ def test_the_links_of_a_dead_unreaped_llama_server_read_as_unknown() -> None:
     """Between its death and its reaping, llama-server is a zombie without sockets. That must
     read as "cannot tell" (None), never as "no connections", which judge() takes as every held
     backend gone."""
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     try:
         child.kill()
         os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, and left unreaped
@@ -187,13 +187,13 @@ def test_the_links_of_a_dead_unreaped_llama_server_read_as_unknown() -> None:
 
 
 CONNECTED = """
-import socket, sys, time
+import signal, socket, sys
 listener = socket.create_server(("127.0.0.1", 0))
 peer = socket.create_connection(listener.getsockname())
 if sys.argv[1] == "close":
     listener.close()  # what a dying llama-server looks like: connections, no listener
 print("ready", flush=True)
-time.sleep(30)
+signal.pause()  # until the test kills it
 """
 
 

@@ -10,7 +10,6 @@ starts with the parent's high-water mark (a pytest process deep into the suite: 
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import sys
@@ -34,7 +33,7 @@ exec(compile(code, "<bounded>", "exec"), {"__name__": "__main__"})
 
 
 def _hwm_kb(pid: int) -> int:
-    """The running child's peak resident memory (kB), 0 once it is gone."""
+    """The running child's peak resident memory (kB), 0 if it cannot be read."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
@@ -80,17 +79,14 @@ def run_bounded(
         )
         killed = False
         hwm_kb = 0
-        while True:
-            hwm_kb = max(hwm_kb, _hwm_kb(proc.pid))
-            pid, status, _usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid == proc.pid:
-                break
-            if not killed and time.monotonic() - start > timeout_s:
-                proc.kill()  # the child this helper started, by its PID
-                killed = True
-            time.sleep(0.01)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            hwm_kb = _hwm_kb(proc.pid)  # the atexit record will not be written: read it now
+            proc.kill()  # the child this helper started, by its PID
+            proc.wait()
+            killed = True
         seconds = time.monotonic() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
         out.seek(0)
         err.seek(0)
         return ChildRun(
