@@ -81,6 +81,16 @@ def change_event(old: BackendRecord | None, new: BackendRecord) -> Event | None:
     return None
 
 
+def news(old: BackendRecord | None, new: BackendRecord) -> bool:
+    """Pure: does `new` say more than `old` besides when it was last seen and how fast it
+    answered (those are written at a slower pace)?"""
+    if old is None:
+        return True
+    return replace(old, last_seen=0.0, latency_ms=None) != replace(
+        new, last_seen=0.0, latency_ms=None
+    )
+
+
 def forget_reason(
     record: BackendRecord, sighted: float | None, now: float, forget_after_s: float
 ) -> str | None:
@@ -140,6 +150,11 @@ class Monitor:
     # registrations from many addresses would otherwise grow the list for a day).
     max_backends: int = field(default=DEFAULT_MAX_BACKENDS, kw_only=True)
     clock: Callable[[], float] = field(default=time.time, kw_only=True)
+    # A record whose only news is its last_seen and latency is written at this pace, not at
+    # every recheck: rewriting hundreds of unchanged records every 2 s kept the store, and every
+    # reader of it, busy (the API's p99 under a registration flood).
+    rewrite_every_s: float = field(default=10.0, kw_only=True)
+    _written_at: dict[Endpoint, float] = field(default_factory=dict)  # clock() of the last put
     _sighted: dict[Endpoint, float] = field(default_factory=dict)  # last seen by a real source
     _nodes_seen: set[Endpoint] = field(default_factory=set)
     _view: dict[Endpoint, BackendRecord] = field(default_factory=dict)
@@ -375,9 +390,15 @@ class Monitor:
                 if event is not None:
                     await self._event(event)
             self._view[b.endpoint] = new
-            changed.append(new)
+            written_at = self._written_at.get(b.endpoint)
+            if written_at is None or news(old, new) or now - written_at >= self.rewrite_every_s:
+                changed.append(new)
         if changed:
             await self.store.put_backends(changed)
+            for record in changed:
+                self._written_at[record.endpoint] = now
+        for ep in self._written_at.keys() - self._view.keys():  # forgotten meanwhile
+            del self._written_at[ep]
 
     async def _event(self, event: Event) -> None:
         try:

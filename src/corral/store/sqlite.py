@@ -60,6 +60,7 @@ from corral.store.base import (
     EventKind,
     NodeRegistration,
 )
+from corral.store.decoded import DecodedRows
 from corral.store.errors import StateFileError
 from corral.store.hub import Hub, QueueSubscription
 from corral.store.mirror import MAX_EVENTS_KEPT, Mirror
@@ -173,6 +174,9 @@ class EmbeddedStore:
         self._write_back_note: str | None = None  # set: write the mirror back at the next open
         self._thread_warnings: deque[str] = deque()  # written by the worker, drained by the loop
         self._thread_changes: deque[Change] = deque()  # likewise, published by the loop
+        self._backends_read: DecodedRows[str, BackendRecord] = DecodedRows()
+        self._nodes_read: DecodedRows[str, NodeRegistration] = DecodedRows()
+        self._events_read: DecodedRows[int, Event] = DecodedRows()
         self._hub = Hub()
         self._closed = False
         self._watcher: asyncio.Task[None] | None = None
@@ -245,6 +249,9 @@ class EmbeddedStore:
                 return
             except Exception as exc:  # the next operation meets it and says so
                 log.debug("%s: check failed: %s", self.path, exc)
+
+    def _dropped(self, key: object, exc: Exception) -> None:
+        self._thread_warnings.append(f"{exc}; dropped")
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         self._paced_check()
@@ -686,16 +693,12 @@ class EmbeddedStore:
                     "SELECT node_id, body FROM nodes WHERE expires_at <= ? ORDER BY node_id",
                     (now + _MAX_TTL_S,),
                 ).fetchall()
-            out = []
-            for key, body in rows:
-                where = self._where("nodes", key)
-                try:
-                    reg = codec.stored_node(body, where, key)
-                except codec.CodecError as exc:
-                    self._thread_warnings.append(f"{exc}; dropped")
-                    continue
-                out.append(reg)
-            return out
+            return self._nodes_read.read(
+                rows,
+                lambda key, body: codec.stored_node(body, self._where("nodes", key), key),
+                self._dropped,
+                codec.CodecError,
+            )
 
         return await self._call(read)
 
@@ -748,16 +751,14 @@ class EmbeddedStore:
     async def backends(self) -> list[BackendRecord]:
         def read(conn: sqlite3.Connection) -> list[BackendRecord]:
             rows = conn.execute("SELECT endpoint, body FROM backends ORDER BY endpoint").fetchall()
-            out = []
-            for key, body in rows:
-                where = self._where("backends", key)
-                try:
-                    rec = codec.stored_backend(body, where, key, self.opened_at)
-                except codec.CodecError as exc:
-                    self._thread_warnings.append(f"{exc}; dropped")
-                    continue
-                out.append(rec)
-            return out
+            return self._backends_read.read(
+                rows,
+                lambda key, body: codec.stored_backend(
+                    body, self._where("backends", key), key, self.opened_at
+                ),
+                self._dropped,
+                codec.CodecError,
+            )
 
         return await self._call(read)
 
@@ -815,15 +816,14 @@ class EmbeddedStore:
                 "SELECT id, body FROM events ORDER BY id DESC LIMIT ?",
                 (max(0, min(limit, self.max_events)),),
             ).fetchall()
-            out = []
-            for key, body in reversed(rows):
-                try:
-                    out.append(
-                        codec.decode(body, self._where("events", key), codec.event_from_json)
-                    )
-                except codec.CodecError as exc:
-                    self._thread_warnings.append(f"{exc}; dropped")
-            return out
+            return self._events_read.read(
+                reversed(rows),
+                lambda key, body: codec.decode(
+                    body, self._where("events", key), codec.event_from_json
+                ),
+                self._dropped,
+                codec.CodecError,
+            )
 
         return await self._call(read)
 

@@ -36,6 +36,10 @@ def dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), default=str, allow_nan=False).encode()
 
 
+def _same(a: list[BackendRecord], b: list[BackendRecord] | None) -> bool:
+    return b is not None and len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 class Listener:
     """One open event stream's mailbox. A client that falls `limit` messages behind is closed
     (its EventSource reconnects and starts again from a fresh snapshot)."""
@@ -101,6 +105,8 @@ class LiveView:
         # Filled by the proxy from llama-server's own timings, when the controller has none.
         self.observed_tps: float | None = None
         self._coordinator_key: bytes = b""
+        self._encoded_from: list[BackendRecord] | None = None
+        self._encoded_in_use: object = None
         self._seen_events: set[tuple[Any, ...]] | None = None
         self._listeners: set[Listener] = set()
         self._wake = asyncio.Event()
@@ -165,12 +171,16 @@ class LiveView:
 
         coordinator = self.coordinator()
         in_use = endpoints_in_use(coordinator)
-        items = [backend_to_json(r, r.in_use or str(r.endpoint) in in_use) for r in records]
-        items.sort(key=lambda item: (item["host"], item["port"]))
-        body = dumps(items)
-        if body != self.backends_body:
-            self.backends_items, self.backends_body = items, body
-            self._broadcast("backends", body)
+        # The store hands back the very objects it decoded before for rows that did not change;
+        # the same rows and the same in-use set make the same body, so it is not rebuilt.
+        if not _same(records, self._encoded_from) or in_use != self._encoded_in_use:
+            items = [backend_to_json(r, r.in_use or str(r.endpoint) in in_use) for r in records]
+            items.sort(key=lambda item: (item["host"], item["port"]))
+            body = dumps(items)
+            self._encoded_from, self._encoded_in_use = records, in_use
+            if body != self.backends_body:
+                self.backends_items, self.backends_body = items, body
+                self._broadcast("backends", body)
 
         key = dumps({k: v for k, v in coordinator.items() if k != "uptime_s"})
         if key != self._coordinator_key:
