@@ -7,6 +7,7 @@ of them alike, after one untimed warm-up run each:
 
 - `python -c pass`: bare interpreter start-up, the baseline;
 - `corral --help`;
+- `corral --version` (reads the build cache's manifests);
 - `corral probe 127.0.0.1:<port>` on a port nobody listens on (refused at once);
 - `corral discover --cidr 127.0.0.1/32 --port <that port>` (informational: the store is opened).
 
@@ -15,7 +16,8 @@ the median CPU time (user + system) of the process: on a shared machine the wall
 waiting for a core, the CPU time does not. The load average is printed before and after, and a
 CPU reference (a fixed pure-Python loop in this process), since a virtual machine's speed can
 vary from one minute to the next.
-Target: `corral --help` and `corral probe` at most 0.3 s above bare Python (median wall time).
+Target: `corral --help`, `corral --version` and `corral probe` at most 0.3 s above bare Python
+(median wall time).
 
     python3 benchmarks/startup.py            # about 10 s
     python3 benchmarks/startup.py --runs 30
@@ -95,12 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands: dict[str, list[str]] = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "corral --help": [corral, "--help"],
+        "corral --version": [corral, "--version"],
         f"corral probe 127.0.0.1:{port}": [corral, "probe", f"127.0.0.1:{port}"],
         f"corral discover --cidr 127.0.0.1/32 --port {port}": [
             corral, "discover", "--cidr", "127.0.0.1/32", "--port", str(port),
         ],
     }  # fmt: skip
-    targeted = list(commands)[1:3]
+    targeted = list(commands)[1:4]
     with tempfile.TemporaryDirectory(prefix="corral-startup-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CORRAL_", "SOLLOL_"))}
         env |= {"XDG_STATE_HOME": f"{tmp}/state", "XDG_CONFIG_HOME": f"{tmp}/config"}

@@ -34,8 +34,13 @@ def isolated_state(
     root = tmp_path_factory.mktemp("xdg")
     for name in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
         monkeypatch.setenv(name, str(root / name.lower()))
+    # rpc-server -c (on by default in `corral node`) writes here, not in the user's home.
+    monkeypatch.setenv("LLAMA_CACHE", str(root / "llama_cache"))
     for name in ("CORRAL_REDIS_URL", "SOLLOL_REDIS_URL", "CORRAL_BACKENDS_FILE", "CORRAL_TOKEN"):
         monkeypatch.delenv(name, raising=False)
+    # Nor the machine's corral.toml (/etc/corral) or one named by CORRAL_CONFIG.
+    monkeypatch.setenv("CORRAL_SYSTEM_CONFIG_DIR", str(root / "etc_corral"))
+    monkeypatch.delenv("CORRAL_CONFIG", raising=False)
     return root
 
 

@@ -77,6 +77,13 @@ def test_help_imports_nothing_heavy(tmp_path: Path) -> None:
     assert "corral.plane" not in modules and "corral.web" not in modules
 
 
+def test_version_builds_no_command(tmp_path: Path) -> None:
+    modules = loaded(tmp_path, "--version")
+    assert heavy_in(modules) == []
+    commands = {m for m in modules if m.startswith("corral.cli.")}
+    assert commands == {"corral.cli.app", "corral.cli.version"}
+
+
 def test_probe_imports_nothing_heavy(tmp_path: Path) -> None:
     modules = loaded(tmp_path, "probe", f"127.0.0.1:{refused_port()}")
     assert heavy_in(modules) == []

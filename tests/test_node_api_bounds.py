@@ -169,7 +169,7 @@ def test_the_options_reach_the_plane(monkeypatch: pytest.MonkeyPatch) -> None:
     from corral.plane.plane import PlaneConfig
 
     got: list[PlaneConfig] = []
-    monkeypatch.setattr(cli_plane, "_run", lambda cfg, binaries, timeout: got.append(cfg))
+    monkeypatch.setattr(cli_plane, "_run", lambda cfg, *rest: got.append(cfg))
     runner = CliRunner()
     app = make_app()
     result = runner.invoke(

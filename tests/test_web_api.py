@@ -580,6 +580,7 @@ async def test_without_coordinator_restart_is_409_and_v1_is_503(tmp_path: Path) 
             "last_reason": None,
             "tokens_per_second": None,
             "source": "none",
+            "memory": [],
         }
 
 

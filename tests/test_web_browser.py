@@ -8,7 +8,8 @@ but the dashboard itself.
 
 And under a real `corral up` serving on two backends: those two read "serving" in the serving
 colour (not an orange "busy": a held rpc-server cannot be probed, so the API says busy with
-in_use), with their total memory and no stale "free" bar; one another client holds reads busy,
+in_use), with a bar of the memory our llama-server used there (from its log) over the total,
+not the stale "free" of a probe made before it loaded; one another client holds reads busy,
 one nothing listens on offline, and the count says so.
 """
 
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,14 +279,26 @@ async def test_backends_our_coordinator_holds_show_as_serving_not_busy(
             busy_colour = await css_colour(page, "--busy")
             assert serving_colour != busy_colour
             await expect(badge).to_have_css("background-color", serving_colour)
-            # Its memory: the total, held by the coordinator; no "free" bar from a probe made
-            # before the model loaded.
-            device = held.locator(".device").first
+            # Its memory: what our llama-server allocated there (its log, published with the
+            # coordinator), as a bar of used / total, free = total - used; not the "free" a
+            # probe saw before the model loaded.
+            device = held.locator('.device[data-device="0"]')
             await expect(device).to_have_attribute("data-held", "true")
-            await expect(device).to_contain_text("total")
-            await expect(device).to_contain_text("in use by the coordinator")
-            assert "free" not in (await held.locator("td.devices").text_content() or "")
-            assert await held.locator(".device .bar").count() == 0
+            await expect(device).to_have_attribute("data-used", re.compile(r"^[1-9]\d*$"))
+            await expect(device).to_contain_text("used by the coordinator")
+            used_bytes = int(await device.get_attribute("data-used") or "")
+            total_bytes = int(await device.get_attribute("data-total") or "")
+            memory = {(m["backend"], m["device"]): m for m in (await up.coordinator())["memory"]}
+            assert used_bytes == memory[(str(ep), "0")]["used_bytes"]
+            assert total_bytes == (await up.backends())[str(ep)]["devices"][0]["total_bytes"]
+            width = await device.locator(".bar > div").evaluate("n => parseFloat(n.style.width)")
+            # (Chromium keeps 7 decimals of a percentage in the style)
+            assert width == pytest.approx(100 * used_bytes / total_bytes, abs=1e-6)
+            free = total_bytes - used_bytes
+            label = await device.locator(".label").text_content() or ""
+            assert f"{free / 2**30:.1f} GiB free" in label, label
+            devices = await held.locator(".device").count()
+            assert await held.locator(".device .bar").count() == devices
             assert await held.locator(".err").count() == 0  # nothing reads as trouble
 
         # Held by another client: busy, in orange, not ours. Nothing listening: offline.
@@ -311,5 +326,77 @@ async def test_backends_our_coordinator_holds_show_as_serving_not_busy(
         shots = ROOT / "test-artifacts"
         shots.mkdir(exist_ok=True)
         await page.screenshot(path=str(shots / "dashboard-serving.png"), full_page=True)
+        assert browser.foreign_requests == []
+        assert browser.console_errors == []
+
+
+async def test_history_shows_a_backend_offline_and_back_and_the_log_needs_the_token(
+    browser: Browser, rpc_server: StartRpc, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Under a real `corral up` (its history sampled every 0.5 s: `--history-step`), a real
+    ggml-rpc-server the coordinator does not hold (`--on-change ignore`) is killed and started
+    again on the same port: the charts draw, and its status timeline shows the offline interval
+    between two ready ones. llama-server's log shows only once the token is given."""
+    page = browser.page
+    a, _ = await rpc_server()
+    host = next_loopback()
+    b = Endpoint(host, free_port(host))
+    extra = ("--history-step", "0.5", "--recheck", "0.5", "--on-change", "ignore")
+    async with corral_up(tmp_path, [a, b], tiny_model, *extra, token=TOKEN) as up:
+        await up.wait_serving({a}, seconds=30)
+        _, b_child = await rpc_server(b.host, b.port)
+        await page.goto(up.base + "/")
+
+        # The log: locked until the token is given.
+        await page.wait_for_selector('#log-lines[data-state="locked"]', state="attached")
+        assert await page.text_content("#log-lines") == ""
+        assert "token" in (await page.text_content("#log-state") or "")
+
+        timeline = f'#timelines .timeline[data-endpoint="{b}"]'
+        statuses = (
+            "sel => [...document.querySelectorAll(sel + ' .seg')].map(s => s.dataset.status)"
+            ".join(',')"
+        )
+
+        async def shows(tail: str) -> None:
+            await page.wait_for_function(
+                f"([sel, tail]) => ({statuses})(sel).endsWith(tail)", arg=[timeline, tail]
+            )
+
+        await shows("ready")
+        assert b_child.pid is not None
+        killed_at = time.time()
+        os.kill(b_child.pid, signal.SIGKILL)  # a process this test started, by its PID
+        await shows("ready,offline")
+        await rpc_server(b.host, b.port)  # the same port again
+        back_at = time.time()
+        await shows("ready,offline,ready")
+
+        history = await up.get("/api/history")
+        (mine,) = [x for x in history["backends"] if x["endpoint"] == str(b)]
+        offline = mine["timeline"][-2]
+        assert offline["status"] == "offline"
+        assert killed_at <= offline["from"] < offline["to"], offline
+        # Back once it answered again, after it was started.
+        assert mine["timeline"][-1]["from"] == offline["to"] >= back_at
+        assert any(v is not None for v in mine["latency_ms"])
+        # The charts, drawn by the vendored uPlot from the same data.
+        for chart in ("#chart-traffic", "#chart-latency"):
+            await page.wait_for_selector(f"{chart} canvas")
+            points = int(await page.get_attribute(chart, "data-points") or "0")
+            assert points >= 2, points
+        assert int(await page.get_attribute("#chart-latency", "data-series") or "0") == 2
+        legend = await page.text_content("#chart-latency .u-legend") or ""
+        assert str(a) in legend and str(b) in legend, legend
+
+        # With the token: llama-server's own lines, as its log file has them.
+        await page.fill("#token-input", TOKEN)
+        await page.wait_for_selector('#log-lines[data-state="following"]')
+        listening = f"listening on http://127.0.0.1:{up.coordinator_port}"
+        await page.wait_for_selector(f"#log-lines >> text={listening}")
+
+        shots = ROOT / "test-artifacts"
+        shots.mkdir(exist_ok=True)
+        await page.screenshot(path=str(shots / "dashboard-history.png"), full_page=True)
         assert browser.foreign_requests == []
         assert browser.console_errors == []

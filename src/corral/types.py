@@ -157,3 +157,46 @@ def contract_json(
 
 def result_to_json(result: ProbeResult, sources: list[SourceName]) -> dict[str, Any]:
     return Backend(result.endpoint, list(sources), result).to_json()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """One device memory can be held on: a backend's device (by the index its probe reports,
+    which is the `n` of llama.cpp's `RPCn[host:port]` buffers), or one on llama-server's own
+    machine (`backend` None, shown as "local"; `device` "host" for its RAM, else a name such
+    as "CUDA0")."""
+
+    backend: Endpoint | None
+    device: str
+
+    @property
+    def backend_name(self) -> str:
+        return "local" if self.backend is None else str(self.backend)
+
+
+@dataclass(frozen=True, slots=True)
+class BufferBytes:
+    """What llama-server allocated on one device: weights, KV cache (or recurrent state), and
+    compute scratch, in bytes."""
+
+    model: int = 0
+    kv: int = 0
+    compute: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.model + self.kv + self.compute
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """Memory one device gives our llama-server: planned before the start (None: no plan
+    given) and used as its log reports it (None: not known, e.g. an adopted llama-server)."""
+
+    ref: DeviceRef
+    planned_bytes: int | None = None
+    used: BufferBytes | None = None
+
+    @property
+    def used_bytes(self) -> int | None:
+        return None if self.used is None else self.used.total

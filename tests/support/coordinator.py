@@ -37,7 +37,7 @@ from tests.support.waiting import until
 FAST = Timings(
     tick_s=0.05,
     probe_every_s=0.1,
-    start_timeout_s=20.0,
+    stall_timeout_s=20.0,
     drain_timeout_s=10.0,
     stop_grace_s=3.0,
     failover_grace_s=0.5,
@@ -175,10 +175,12 @@ async def running(
     tensor_split: str | None = "1,1",
     parallel: int | None = 1,
     clock: Callable[[], float] = time.time,
+    load_clock: Callable[[], float] = time.monotonic,
     **policy: Any,
 ) -> AsyncIterator[Running]:
     """A coordinator running as a task; on exit it is stopped and every llama-server it ran is
-    checked gone, by PID. `clock` is the store's (node registrations expire by it)."""
+    checked gone, by PID. `clock` is the store's (node registrations expire by it);
+    `load_clock` the runner's, by which a model load stalls."""
     policy.setdefault("debounce_s", 1.0)
     store = await EmbeddedStore.open(tmp_path / f"state-{time.monotonic_ns()}.db", clock=clock)
     said: list[str] = []
@@ -197,6 +199,7 @@ async def running(
         policy=PolicyConfig(**policy),
         timings=timings,
         held=held,
+        clock=load_clock,
     )
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))

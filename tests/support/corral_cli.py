@@ -110,5 +110,6 @@ def isolated_env(state_home: Path) -> dict[str, str]:
     }
     env["XDG_STATE_HOME"] = str(state_home)
     env["XDG_CONFIG_HOME"] = str(state_home / "config")
+    env["CORRAL_SYSTEM_CONFIG_DIR"] = str(state_home / "etc_corral")  # not the machine's /etc
     env["COLUMNS"] = "200"
     return env

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,14 +75,21 @@ class Up:
 
 @asynccontextmanager
 async def corral_up(
-    tmp_path: Path, backends: list[Endpoint], model: Path, *extra: str, token: str
+    tmp_path: Path,
+    backends: list[Endpoint],
+    model: Path,
+    *extra: str,
+    token: str,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[Up]:
-    port, cport = free_port("127.0.0.1"), free_port("127.0.0.1")
+    """`port`: the dashboard's (else a free one); `env`: more environment for the process."""
+    port, cport = port or free_port("127.0.0.1"), free_port("127.0.0.1")
     conf = tmp_path / "rpc_backends.conf"
     conf.write_text("".join(f"{b}\n" for b in backends))
     log = tmp_path / f"up-{port}.out"
-    env = isolated_env(tmp_path / "state")
-    env["CORRAL_TOKEN"] = token
+    child_env = {**isolated_env(tmp_path / "state"), **(env or {})}
+    child_env["CORRAL_TOKEN"] = token
     args = ["--port", str(port), "--coordinator-port", str(cport), "--sources", "file"]
     args += ["--backends-file", str(conf), "--model", str(model)]
     with log.open("wb") as out:
@@ -93,7 +100,7 @@ async def corral_up(
             "up",
             *args,
             *extra,
-            env=env,
+            env=child_env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,

@@ -60,6 +60,7 @@ async def running_dashboard(
     with_rescan: bool = True,
     refresh_s: float = 1.0,
     max_body_bytes: int = 64 * 1024,
+    coordinator_log: Path | None = None,
 ) -> AsyncIterator[Dashboard]:
     own_store = store is None
     if store is None:
@@ -78,6 +79,7 @@ async def running_dashboard(
         token=token,
         refresh_s=refresh_s,
         max_body_bytes=max_body_bytes,
+        coordinator_log=coordinator_log,
     )
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     stop = asyncio.Event()

@@ -45,6 +45,8 @@ async def running_llama_server(
     rpc_flag: Sequence[Endpoint] = (),
     rpc_env: Sequence[Endpoint] = (),
     port_in_env: bool = False,
+    extra: Sequence[str] = (),
+    start_s: float = 30,
 ) -> AsyncIterator[tuple[Child, Endpoint]]:
     """A llama-server whose backends come from `--rpc` and/or LLAMA_ARG_RPC; yields once healthy.
 
@@ -62,6 +64,7 @@ async def running_llama_server(
         argv += ["--rpc", ",".join(map(str, rpc_flag))]
     if rpc_env:
         env["LLAMA_ARG_RPC"] = ",".join(map(str, rpc_env))
+    argv += extra
     child = Child(argv, log_dir / f"llama-server-{serve.port}.log", env=env)
     await child.start()
     try:
@@ -72,7 +75,7 @@ async def running_llama_server(
             return await http_status(serve, "/health") == 200
 
         try:
-            await until(healthy, 30, "llama-server /health 200")
+            await until(healthy, start_s, "llama-server /health 200")
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{child.log_tail()}") from None
         yield child, serve

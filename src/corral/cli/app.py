@@ -10,6 +10,7 @@ when it runs (see corral.cli).
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
@@ -25,11 +26,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "node": ("corral.cli.node", "node"),
     "dashboard": ("corral.cli.plane", "dashboard"),
     "up": ("corral.cli.plane", "up"),
+    "plan": ("corral.cli.plan", "plan"),
+    "config": ("corral.cli.config", "config"),
 }
 GROUPS: dict[str, tuple[str, str]] = {
     "llama": ("corral.cli.llama", "llama_app"),
     "coordinator": ("corral.cli.coordinator", "coordinator_app"),
     "model": ("corral.cli.llama", "model_app"),
+    "service": ("corral.cli.service", "service_app"),
 }
 
 
@@ -48,6 +52,8 @@ def make_app(only: str | None = None) -> typer.Typer:
     )
     if only is not None:
         made.callback()(_group)  # keeps it a group of one: `corral NAME ...`, not `corral ...`
+    else:
+        made.callback()(_root)
     for name, where in COMMANDS.items():
         if only in (None, name):
             command = _load(where)
@@ -65,6 +71,33 @@ def _group() -> None:
     pass
 
 
+def _print_version() -> None:
+    from corral.cli.version import gather, version_lines
+
+    print("\n".join(version_lines(gather())))
+
+
+def _version_option(value: bool) -> None:
+    if value:
+        _print_version()
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            is_eager=True,
+            callback=_version_option,
+            help="Print Corral's version, the llama.cpp build it runs and the RPC protocol it "
+            "speaks, and exit.",
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 def main() -> None:
     import logging
     import sys
@@ -76,6 +109,9 @@ def main() -> None:
     # a command named first (the group itself has no options but --help) needs only its own
     # module and signature.
     first = sys.argv[1] if len(sys.argv) > 1 else None
+    if sys.argv[1:] == ["--version"]:  # answered before any command is built: it stays fast
+        _print_version()
+        return
     run = make_app(first if first in COMMANDS or first in GROUPS else None)
     try:
         run()

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from corral.cli.configured import CoordinatorConfigOpt
 from corral.cli.console import bad_input, fail, say, warn
+from corral.cli.model_ref import fetch_with_bar, model_option
 from corral.cli.options import (
     LLAMA_HOST,
     LLAMA_PORT,
@@ -24,15 +26,16 @@ from corral.cli.options import (
     LlamaHostOpt,
     LlamaPortOpt,
     LocalFallbackOpt,
+    LogFormatOpt,
     MinBackendsOpt,
-    ModelOpt,
+    ModelRefOpt,
     OnChangeOpt,
     ParallelOpt,
     ProbeIntervalOpt,
     RedisOpt,
-    StartTimeoutOpt,
+    StallTimeoutOpt,
     TensorSplitOpt,
-    check_model,
+    WhenShortOpt,
     coordinator_settings_from,
 )
 
@@ -46,7 +49,8 @@ coordinator_app = typer.Typer(
 
 @coordinator_app.command("run")
 def run(
-    model: ModelOpt = None,
+    config: CoordinatorConfigOpt = None,
+    model: ModelRefOpt = None,
     host: LlamaHostOpt = LLAMA_HOST,
     port: LlamaPortOpt = LLAMA_PORT,
     backend: BackendOpt = None,
@@ -57,11 +61,13 @@ def run(
     min_backends: MinBackendsOpt = 1,
     on_change: OnChangeOpt = "restart",
     local_fallback: LocalFallbackOpt = True,
+    when_short: WhenShortOpt = "wait",
     debounce: DebounceOpt = 10.0,
     drain_timeout: DrainTimeoutOpt = 30.0,
-    start_timeout: StartTimeoutOpt = 120.0,
+    stall_timeout: StallTimeoutOpt = 60.0,
     probe_interval: ProbeIntervalOpt = 1.0,
     redis: RedisOpt = None,
+    log_format: LogFormatOpt = "text",
     extra: ExtraArgs = None,
 ) -> None:
     """Run (in the foreground) and supervise llama-server; Ctrl-C or `coordinator stop` ends it.
@@ -69,11 +75,12 @@ def run(
     An llama-server already serving the port is adopted, not doubled.
     """
     settings = coordinator_settings_from(locals(), host=host, port=port)
-    check_model(model)
+    model_path, fetch = model_option(model)  # a bad reference: exit 1 before anything starts
 
     import asyncio
     import signal
 
+    from corral.cli.log_format import speakers, use_json
     from corral.coordinator.candidates import Candidates
     from corral.coordinator.pidfile import AlreadyRunning, claim, log_path, pidfile_path, release
     from corral.coordinator.publish import Publisher
@@ -89,6 +96,11 @@ def run(
         binaries = find_binaries()
     except BinariesNotFound as exc:
         fail(str(exc))
+    if fetch is not None:
+        model_path = fetch_with_bar(fetch)
+    if log_format == "json":
+        use_json()
+    tell, caution = speakers(log_format, say, warn)
 
     async def main() -> None:
         state = state_dir()
@@ -105,10 +117,10 @@ def run(
         held = HeldBackends()  # the runner owns it; its candidates' prober reads it
         runner = Runner(
             opts=settings.server,
-            model=model.resolve() if model else None,
+            model=model_path,
             llama_server=binaries.llama_server,
             candidates=Candidates(settings.backends, store, installed_prober(1.0).reading(held)),
-            publish=Publisher(store, port, say, warn),
+            publish=Publisher(store, port, tell, caution),
             log_path=log_path(state, port),
             policy=settings.policy,
             timings=settings.timings,
@@ -118,7 +130,7 @@ def run(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        say(f"llama-server log: {runner.log_path}")
+        tell(f"llama-server log: {runner.log_path}")
         try:
             await runner.run(stop)
         except CoordinatorError as exc:

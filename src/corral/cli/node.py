@@ -6,15 +6,22 @@ from typing import Annotated
 
 import typer
 
+from corral.cli.configured import NodeConfigOpt
 from corral.cli.console import bad_input, fail
-from corral.cli.options import RedisOpt
+from corral.cli.options import LogFormatName, LogFormatOpt, RedisOpt
 
 
-def setup_logging() -> None:
-    """The node is a long-running service: timestamped lines on stderr (its supervisor's log)."""
+def setup_logging(log_format: LogFormatName = "text") -> None:
+    """The node is a long-running service: timestamped lines on stderr (its supervisor's log),
+    or JSON ones (`--log-format json`)."""
     import logging
     import sys
 
+    if log_format == "json":
+        from corral.cli.log_format import use_json
+
+        use_json()
+        return
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -24,6 +31,7 @@ def setup_logging() -> None:
 
 
 def node(
+    config: NodeConfigOpt = None,
     host: Annotated[
         str, typer.Option(help="Interface address the backend binds to.")
     ] = "127.0.0.1",
@@ -36,7 +44,13 @@ def node(
     ] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="Backend threads (-t).")] = None,
     devices: Annotated[str | None, typer.Option(help="Backend devices (-d DEV1,DEV2).")] = None,
-    cache: Annotated[bool, typer.Option(help="Backend local tensor cache (-c).")] = False,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            help="Backend tensor cache (-c): weights over 10 MiB kept on disk by hash, so a"
+            " reload does not send them again ($LLAMA_CACHE/rpc, else ~/.cache/llama.cpp/rpc)."
+        ),
+    ] = True,
     heartbeat: Annotated[
         float, typer.Option(min=0.1, max=60, help="Seconds between heartbeats.")
     ] = 2.0,
@@ -45,6 +59,7 @@ def node(
     register: Annotated[
         str | None, typer.Option(help="Also register over HTTP with a dashboard at this URL.")
     ] = None,
+    log_format: LogFormatOpt = "text",
 ) -> None:
     """Run beside ggml-rpc-server: supervise or attach to it, heartbeat, announce."""
     import asyncio
@@ -52,6 +67,7 @@ def node(
 
     from corral.cli.llama import binaries_missing
     from corral.llama.binaries import BinariesNotFound, LlamaBinaries, find_binaries
+    from corral.net.notify import Notifier
     from corral.node.run import NodeOptions, NodeOptionsError, check_bind_host, run_node
     from corral.store.errors import StateFileError
 
@@ -77,8 +93,9 @@ def node(
     )
     try:
         check_bind_host(opts.host, opts.allow_any_address)
-        setup_logging()
-        code = asyncio.run(run_node(opts, binaries))
+        setup_logging(log_format)
+        # NOTIFY_SOCKET is set when systemd runs it (corral service node)
+        code = asyncio.run(run_node(opts, binaries, Notifier.from_environ()))
     except (NodeOptionsError, ValueError) as exc:
         bad_input(str(exc))
     except StateFileError as exc:  # the state file locked or damaged: one line, no traceback

@@ -31,6 +31,7 @@ MAX_NODES = 1024  # corral.web.security.DEFAULT_MAX_NODES
 FORGET_AFTER_S = 86400.0  # corral.monitor.DEFAULT_FORGET_AFTER_S
 MAX_BACKENDS = 4096  # corral.monitor.DEFAULT_MAX_BACKENDS
 OnChangeName = Literal["restart", "ignore"]  # OnChange's values
+WhenShortName = Literal["cpu", "wait"]  # corral.models.plan.WhenShort's values
 
 # --- output and store ------------------------------------------------------------------------
 
@@ -38,7 +39,21 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tex
 RedisOpt = Annotated[
     str | None,
     typer.Option(
-        help="Redis URL (else CORRAL_REDIS_URL / SOLLOL_REDIS_URL); the embedded store if unset."
+        # The variables are click's too (corral.store.factory reads them as well), so that a
+        # value from corral.toml ranks below them.
+        envvar=["CORRAL_REDIS_URL", "SOLLOL_REDIS_URL"],
+        help="Redis URL (else CORRAL_REDIS_URL / SOLLOL_REDIS_URL); the embedded store if unset.",
+    ),
+]
+
+# Corral's own log: corral.cli.log_format.LogFormat's values (up, dashboard, node, coordinator).
+LogFormatName = Literal["text", "json"]
+LogFormatOpt = Annotated[
+    LogFormatName,
+    typer.Option(
+        "--log-format",
+        help="Corral's log on stderr: text for people, or json, one object a line (time, level,"
+        " logger, message, exc_info) for a log collector; progress lines become records too.",
     ),
 ]
 
@@ -108,6 +123,10 @@ MaxBackendsOpt = Annotated[
         help="Backends kept at most; past it the offline ones unseen longest are forgotten.",
     ),
 ]
+# Seconds between the page's history samples (corral.web.history); tests shorten it.
+HistoryStepOpt = Annotated[
+    float, typer.Option("--history-step", min=0.05, max=600, hidden=True, help="History pace.")
+]
 # The long-running commands range-check their timeouts in typer.
 WatchTimeoutOpt = Annotated[float, typer.Option(min=0.05, max=60, help="Seconds a probe may take.")]
 WatchScanTimeoutOpt = Annotated[
@@ -120,6 +139,15 @@ LlamaHostOpt = Annotated[str, typer.Option(help="Address llama-server listens on
 LlamaPortOpt = Annotated[int, typer.Option(min=1, max=65535, help="Port llama-server listens on.")]
 ModelOpt = Annotated[
     Path | None, typer.Option(envvar="CORRAL_MODEL", help="GGUF model file (or CORRAL_MODEL).")
+]
+# A Path still: typer keeps the text, and corral.cli.model_ref reads it as a reference.
+ModelRefOpt = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="CORRAL_MODEL",
+        help="GGUF model: a file, hf:OWNER/REPO/FILE.gguf, or OWNER/REPO:QUANT (fetched from"
+        " Hugging Face into its cache; see `corral model fetch`). Or CORRAL_MODEL.",
+    ),
 ]
 BackendOpt = Annotated[
     list[str] | None,
@@ -145,14 +173,27 @@ OnChangeOpt = Annotated[
 LocalFallbackOpt = Annotated[
     bool, typer.Option(help="Serve on local devices alone while too few backends are ready.")
 ]
+WhenShortOpt = Annotated[
+    WhenShortName,
+    typer.Option(
+        help="When the memory plan says the ready backends cannot hold the model: wait for"
+        " more (state waiting, the shortfall as reason), or keep the first layers on this"
+        " host's CPU."
+    ),
+]
 DebounceOpt = Annotated[
     float, typer.Option(min=0, help="Seconds a backend must stay ready before it joins.")
 ]
 DrainTimeoutOpt = Annotated[
     float, typer.Option(min=0, help="Planned restart: wait this long for requests in flight.")
 ]
-StartTimeoutOpt = Annotated[
-    float, typer.Option(min=1, help="Seconds llama-server may take to load the model.")
+StallTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        min=1,
+        help="Fail a start when llama-server's model load moves nothing for this many seconds "
+        "(no bytes to its backends, no log, no memory growth); a load has no fixed deadline.",
+    ),
 ]
 ProbeIntervalOpt = Annotated[
     float, typer.Option(min=0.05, help="Seconds between probes of backends not in use.")
@@ -173,9 +214,10 @@ COORDINATOR_PARAMS = (
     "min_backends",
     "on_change",
     "local_fallback",
+    "when_short",
     "debounce",
     "drain_timeout",
-    "start_timeout",
+    "stall_timeout",
     "probe_interval",
     "extra",
 )

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from corral.cli.configured import UpConfigOpt
 from corral.cli.console import bad_input, fail, say, warn
+from corral.cli.model_ref import model_option
 from corral.cli.options import (
     DASHBOARD_HOST,
     DASHBOARD_PORT,
@@ -32,11 +34,14 @@ from corral.cli.options import (
     ExtraArgs,
     ForgetAfterOpt,
     GpuLayersOpt,
+    HistoryStepOpt,
     InsecureOpt,
     LargeOpt,
     LlamaHostOpt,
     LlamaPortOpt,
     LocalFallbackOpt,
+    LogFormatName,
+    LogFormatOpt,
     LoopbackOpt,
     MaxBackendsOpt,
     MaxNodesOpt,
@@ -48,11 +53,11 @@ from corral.cli.options import (
     RedisOpt,
     ScanPortOpt,
     SourcesOpt,
-    StartTimeoutOpt,
+    StallTimeoutOpt,
     TensorSplitOpt,
     WatchScanTimeoutOpt,
     WatchTimeoutOpt,
-    check_model,
+    WhenShortOpt,
     check_ports,
     coordinator_settings_from,
 )
@@ -125,7 +130,7 @@ def _check_bind(host: str, token: str | None, insecure: bool) -> None:
         bad_input(str(exc))
 
 
-def _announce(token: str | None) -> Callable[[Plane], None]:
+def _announce(token: str | None, say: Callable[[str], None]) -> Callable[[Plane], None]:
     def announce(plane: Plane) -> None:
         say(f"dashboard: {plane.dashboard_url}/")
         if token:
@@ -140,16 +145,23 @@ def _announce(token: str | None) -> Callable[[Plane], None]:
     return announce
 
 
-def _run(cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float) -> None:
+def _run(
+    cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float, log_format: LogFormatName
+) -> None:
     import asyncio
 
+    from corral.cli.log_format import speakers, use_json
     from corral.llama.probing import prober_for
+    from corral.net.notify import Notifier
     from corral.plane.plane import PlaneError, run_plane, stop_on_signals
     from corral.store.errors import StateFileError
     from corral.web.security import InsecureBindError
     from corral.web.server import raise_fd_limit
 
     raise_fd_limit()  # before the prober and the dashboard size themselves by it
+    if log_format == "json":
+        use_json()
+    tell, caution = speakers(log_format, say, warn)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -158,9 +170,10 @@ def _run(cfg: PlaneConfig, binaries: LlamaBinaries | None, timeout: float) -> No
             cfg,
             prober_for(binaries, timeout),
             stop,
-            say=say,
-            warn=warn,
-            on_ready=_announce(cfg.token),
+            say=tell,
+            warn=caution,
+            on_ready=_announce(cfg.token, tell),
+            notifier=Notifier.from_environ(),  # set when systemd runs it (corral service up)
         )
 
     try:
@@ -195,6 +208,8 @@ def dashboard(
         str | None,
         typer.Option(help="Forward /v1/* to this llama-server (e.g. http://127.0.0.1:18080)."),
     ] = None,
+    log_format: LogFormatOpt = "text",
+    history_step: HistoryStepOpt = 10.0,
 ) -> None:
     """Serve the page, the API and the metrics, with the monitor keeping the store true.
 
@@ -236,14 +251,20 @@ def dashboard(
         coordinator_url=coordinator_url,
         redis_url=redis,
         max_nodes=max_nodes,
+        history_step_s=history_step,
     )
-    _run(cfg, binaries, timeout)
+    _run(cfg, binaries, timeout, log_format)
 
 
 def up(
+    config: UpConfigOpt = None,
     model: Annotated[
         Path | None,
-        typer.Option(envvar="CORRAL_MODEL", help="GGUF model: runs the coordinator too."),
+        typer.Option(
+            envvar="CORRAL_MODEL",
+            help="GGUF model (a file, hf:OWNER/REPO/FILE.gguf or OWNER/REPO:QUANT, fetched with"
+            " its progress on the page): runs the coordinator too.",
+        ),
     ] = None,
     host: DashboardHostOpt = DASHBOARD_HOST,
     port: DashboardPortOpt = DASHBOARD_PORT,
@@ -272,10 +293,13 @@ def up(
     min_backends: MinBackendsOpt = 1,
     on_change: OnChangeOpt = "restart",
     local_fallback: LocalFallbackOpt = True,
+    when_short: WhenShortOpt = "wait",
     debounce: DebounceOpt = 10.0,
     drain_timeout: DrainTimeoutOpt = 30.0,
-    start_timeout: StartTimeoutOpt = 120.0,
+    stall_timeout: StallTimeoutOpt = 60.0,
     probe_interval: ProbeIntervalOpt = 1.0,
+    log_format: LogFormatOpt = "text",
+    history_step: HistoryStepOpt = 10.0,
     extra: ExtraArgs = None,
 ) -> None:
     """The whole control plane in one process: dashboard + monitor + coordinator (with --model).
@@ -305,7 +329,7 @@ def up(
         max_backends,
     )
     settings = coordinator_settings_from(params, host=coordinator_host, port=coordinator_port)
-    check_model(model)
+    model_path, fetch = model_option(model)  # resolved now, fetched once the page is up
     try:
         binaries: LlamaBinaries | None = find_binaries()
     except BinariesNotFound as exc:
@@ -315,12 +339,13 @@ def up(
     plan = None
     if model is not None and binaries is not None:
         plan = CoordinatorPlan(
-            model=model.resolve(),
+            model=model_path,
             llama_server=binaries.llama_server,
             server=settings.server,
             policy=settings.policy,
             timings=settings.timings,
             explicit=settings.backends,
+            fetch=fetch,
         )
     elif settings.backends:
         bad_input("--backend needs --model (it is a coordinator option)")
@@ -334,5 +359,6 @@ def up(
         coordinator=plan,
         redis_url=redis,
         max_nodes=max_nodes,
+        history_step_s=history_step,
     )
-    _run(cfg, binaries, timeout)
+    _run(cfg, binaries, timeout, log_format)

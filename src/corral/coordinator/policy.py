@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from corral.endpoint import Endpoint
+from corral.models.plan import WhenShort
 
 
 class OnChange(StrEnum):
@@ -39,6 +40,9 @@ class PolicyConfig:
     debounce_s: float = 10.0
     on_change: OnChange = OnChange.RESTART
     local_fallback: bool = True
+    # The memory plan says the ready backends cannot hold the model: wait for more, or keep the
+    # first layers on this host (see corral.models.plan). Acted on by the runner at each start.
+    when_short: WhenShort = WhenShort.WAIT
     unhealthy_after_s: float = 10.0  # /health unanswered this long: llama-server is hung
     # Requests in flight and no work done this long: a backend in use stopped answering (it
     # holds llama-server in a network read). Generous: one big prompt batch can take a while.

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import psutil
 
@@ -22,7 +23,14 @@ from corral.llama.processes import Coordinator, find_coordinators
 from corral.llama.server import describe_exit
 from corral.llama.supervisor import Child
 
-LOG_ROTATE_BYTES = 10 * 1024 * 1024
+LOG_ROTATE_BYTES = 10 * 1024 * 1024  # at a start, a bigger log is moved to `.1`
+# While it runs (at -lv 4 an idle llama-server logs ~80 B/s, a request ~3 KB): past this size
+# its log is copied to `.1` and emptied in place, as logrotate's copytruncate does. The file is
+# open for appending, so llama-server's next line lands at the new start; a line written
+# between the copy and the truncation is lost (a window of microseconds, once per 32 MiB).
+LOG_CAP_BYTES = 32 * 1024 * 1024
+# What is read back of one run's log to explain an exit: its head and its tail.
+LOG_EXPLAIN_BYTES = 512 * 1024
 
 
 class Supervised(Protocol):
@@ -38,7 +46,17 @@ class Supervised(Protocol):
         ...
 
     async def stop(self, grace: float) -> None: ...
-    def log_since_start(self) -> str: ...
+    def log_since_start(self) -> str:
+        """This run's log, at most LOG_EXPLAIN_BYTES: its head and its tail when longer."""
+        ...
+
+    def trim_log(self) -> None:
+        """Keep the log under LOG_CAP_BYTES while it runs. Blocking: use a thread."""
+        ...
+
+    def log_head(self, limit: int) -> str:
+        """The first `limit` bytes it logged since it started ("" when its log is not ours)."""
+        ...
 
 
 @dataclass
@@ -77,8 +95,19 @@ class OwnedServer:
     def log_since_start(self) -> str:
         try:
             with self.log_path.open("rb") as f:
+                return _head_and_tail(f, self._log_offset, LOG_EXPLAIN_BYTES)
+        except OSError:
+            return ""
+
+    def trim_log(self) -> None:
+        if _copy_truncate(self.log_path, LOG_CAP_BYTES):
+            self._log_offset = 0
+
+    def log_head(self, limit: int) -> str:
+        try:
+            with self.log_path.open("rb") as f:
                 f.seek(self._log_offset)
-                return f.read().decode(errors="replace")
+                return f.read(limit).decode(errors="replace")
         except OSError:
             return ""
 
@@ -111,6 +140,12 @@ class AdoptedServer:
     def log_since_start(self) -> str:
         return ""  # its output goes wherever whoever started it sent it
 
+    def trim_log(self) -> None:
+        return None
+
+    def log_head(self, limit: int) -> str:
+        return ""
+
 
 def find_on_port(host: str, port: int) -> AdoptedServer | None:
     """A running llama-server serving `host:port`. Blocking (walks /proc): use a thread."""
@@ -142,6 +177,31 @@ def _prepare_log(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _head_and_tail(f: BinaryIO, start: int, limit: int) -> str:
+    """From `start` on: all of it when it fits in `limit`, else its first and last halves (the
+    first errors name a cause, the last lines say how it ended)."""
+    end = f.seek(0, os.SEEK_END)
+    f.seek(start)
+    if end - start <= limit:
+        return f.read(limit).decode(errors="replace")
+    head = f.read(limit // 2).decode(errors="replace")
+    f.seek(end - limit // 2)
+    tail = f.read(limit // 2).decode(errors="replace")
+    return f"{head}\n[... {end - start - limit} bytes of the log left out ...]\n{tail}"
+
+
+def _copy_truncate(path: Path, cap: int) -> bool:
+    """Past `cap` bytes, copy the log to `.1` and empty it in place; True if it did."""
+    try:
+        if path.stat().st_size <= cap:
+            return False
+        shutil.copyfile(path, path.with_name(path.name + ".1"))
+        os.truncate(path, 0)
+    except OSError:
+        return False
+    return True
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -11,7 +11,8 @@ from typing import Any
 
 from corral.endpoint import Endpoint
 from corral.store.base import CoordinatorRecord, Event, EventKind, Store
-from corral.types import CoordinatorState
+from corral.store.codec import MAX_MEMORY
+from corral.types import CoordinatorState, DeviceMemory
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ class Publisher:
         started_at: float | None = None,
         reason: str | None = None,
         restarted: bool = False,
+        memory: tuple[DeviceMemory, ...] | None = None,
     ) -> None:
+        """`memory`: each device's planned and used bytes; None keeps the last while the same
+        llama-server runs (a pid given), and drops it when a new one starts or none runs."""
         r = self.record
         self.record = replace(
             r,
@@ -59,8 +63,29 @@ class Publisher:
             restarts=r.restarts + 1 if restarted else r.restarts,
             last_reason=reason or r.last_reason,
             updated_at=time.time(),
+            memory=self._memory(state, pid, r.memory, memory),
         )
         try:
             await self.store.set_coordinator(self.record)
         except Exception as exc:
             log.warning("could not publish coordinator state %s: %s", state, exc)
+
+    def _memory(
+        self,
+        state: CoordinatorState,
+        pid: int | None,
+        last: tuple[DeviceMemory, ...],
+        given: tuple[DeviceMemory, ...] | None,
+    ) -> tuple[DeviceMemory, ...]:
+        if not state.holds_backends:
+            return ()
+        if given is not None:
+            memory = given
+        elif pid is None or state is CoordinatorState.STARTING:  # not the same llama-server
+            return ()
+        else:
+            memory = last
+        if len(memory) > MAX_MEMORY:  # the record must stay storable: the rest goes unshown
+            log.warning("memory of %d devices; publishing the first %d", len(memory), MAX_MEMORY)
+            return memory[:MAX_MEMORY]
+        return memory

@@ -21,13 +21,16 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from corral.coordinator.candidates import Candidates, Round
 from corral.coordinator.health import Health, NoAnswer, ServerHttp
 from corral.coordinator.links import judge, not_listening, read_links, resolve
+from corral.coordinator.load_reader import read_load_sample
+from corral.coordinator.loading import LoadWatch, ProgressLines
+from corral.coordinator.planning import Planner, planned_bytes, planned_options
 from corral.coordinator.policy import (
     Action,
     Do,
@@ -41,10 +44,12 @@ from corral.coordinator.policy import (
 from corral.coordinator.process import AdoptedServer, OwnedServer, Supervised, find_on_port
 from corral.coordinator.publish import Publisher
 from corral.endpoint import Endpoint
+from corral.llama.buffers import LOG_HEAD_BYTES, device_memory, parse_buffers
 from corral.llama.server import ServerOptions, explain_log, server_argv, server_env
+from corral.models.plan import Plan, Shortfall
 from corral.rpc.held import HeldBackends
 from corral.store.base import EventKind
-from corral.types import CoordinatorState, Status
+from corral.types import CoordinatorState, DeviceMemory, DeviceRef, Status
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +64,9 @@ class CoordinatorError(RuntimeError):
 class Timings:
     tick_s: float = 0.2  # how often the llama-server and its links are looked at
     probe_every_s: float = 1.0  # fresh probes of the backends not held
-    start_timeout_s: float = 120.0  # loading the model, until /health says ready
+    # Loading the model has no deadline: a start fails when nothing moves for this long.
+    stall_timeout_s: float = 60.0
+    progress_every_s: float = 0.5  # the record's loading progress, at most this often
     drain_timeout_s: float = 30.0  # planned restart: wait this long for requests in flight
     stop_grace_s: float = 5.0  # SIGTERM, then SIGKILL after this
     failover_grace_s: float = 1.0  # a broken llama-server gets less time
@@ -78,11 +85,18 @@ class Runner:
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     # The writer of what llama-server holds; the candidates' prober reads the same object.
     held: HeldBackends = field(kw_only=True)
+    # What loading is judged by (tests drive it); the rest of the loop keeps time.monotonic.
+    clock: Callable[[], float] = field(default=time.monotonic, kw_only=True)
+    # Bytes planned for each device, published beside what llama-server's log says it used.
+    planned: Mapping[DeviceRef, int] | None = field(default=None, kw_only=True)
 
     server: Supervised | None = field(default=None, init=False)
+    plan: Plan | None = field(default=None, init=False)  # the memory plan of the last start
+    load: LoadWatch | None = field(default=None, init=False)  # the load under way, if any
     memory: Memory = field(default_factory=Memory, init=False)
     _http: ServerHttp = field(init=False)
     _round: Round | None = field(default=None, init=False)
+    _planner: Planner = field(default_factory=Planner, init=False)
     _round_at: float = field(default=float("-inf"), init=False)
     _pending_exit: Exit | None = field(default=None, init=False)
     _unhealthy_since: float | None = field(default=None, init=False)
@@ -95,6 +109,8 @@ class Runner:
     _busy: bool = field(default=False, init=False)  # requests in flight at the last look
     _work_done: float = field(default=-1.0, init=False)
     _progress_at: float = field(default=0.0, init=False)
+    _told_load_at: float = field(default=float("-inf"), init=False)
+    _load_lines: ProgressLines = field(default_factory=ProgressLines, init=False)
     # Restart requests not yet seen by the policy, and the callers waiting for the start that
     # follows the ones it has seen (True: serving again; False: that start failed).
     _asked: list[str] = field(default_factory=list, init=False)
@@ -163,6 +179,8 @@ class Runner:
         fresh = await self._look(held)
         serving = None
         if server is not None:
+            if fresh:  # a serving llama-server logs forever: its log is kept under a cap
+                await asyncio.to_thread(server.trim_log)
             lost = await self._lost(server, fresh)
             unhealthy, stalled = await asyncio.gather(self._health(), self._progress(fresh))
             serving = Serving(held, server.started_at, lost, unhealthy, stalled)
@@ -283,15 +301,18 @@ class Runner:
         self._said_wait = reason
 
     async def _start(self, action: Action) -> None:
-        self._said_wait = None
         model = self.model
         if model is None:  # checked before the loop; this only keeps the type checker honest
             raise CoordinatorError("no model to start llama-server with")
+        opts = await self._planned(model, action)
+        if opts is None:
+            return
+        self._said_wait = None
         if action.warning:
             self.publish.warn(action.warning)
             await self.publish.event(EventKind.WARNING, action.warning)
         server = OwnedServer(
-            server_argv(self.llama_server, model, self.opts, action.backends, self._devices),
+            server_argv(self.llama_server, model, opts, action.backends, self._devices),
             self.log_path,
             server_env(self.env),
             action.backends,
@@ -315,17 +336,88 @@ class Runner:
             return
         await self._serving(server, action)
 
+    async def _planned(self, model: Path, action: Action) -> ServerOptions | None:
+        """The options for this start, from a memory plan; None when the plan says it would not
+        fit: then the coordinator waits (state WAITING, the shortfall as its reason), and the
+        next look plans again with every backend ready by then."""
+        results = self._round.results if self._round else {}
+        try:
+            plan = await self._planner.plan(
+                model, self.opts, action.backends, results, self.policy.when_short
+            )
+        except (OSError, ValueError) as exc:  # llama-server may still read it: let it try
+            self.plan, self.planned = None, None
+            self.publish.warn(f"no memory plan for {model} ({exc}); starting without one")
+            return self.opts
+        if isinstance(plan, Shortfall):
+            self.memory = replace(self.memory, take_ready=True)
+            await self._wait(plan.reason)
+            await asyncio.sleep(self.timings.tick_s)  # a START not carried out: no busy loop
+            return None
+        self.plan = plan
+        self.planned = planned_bytes(plan)
+        return planned_options(self.opts, plan)
+
     async def _wait_ready(self, server: OwnedServer) -> str | None:
-        """None once /health says ready; else why it never got there."""
-        deadline = time.monotonic() + self.timings.start_timeout_s
-        while time.monotonic() < deadline:
-            how = await server.exited()
-            if how is not None:
-                return f"{how} while loading the model"
-            if await self._http.health() is Health.READY and await server.exited() is None:
-                return None
-            await asyncio.sleep(0.05)
-        return f"not ready within {self.timings.start_timeout_s:g} s"
+        """None once /health says ready; else why it never got there: it exited, or its load
+        moved nothing for `stall_timeout_s` (no deadline: a big load over RPC takes minutes)."""
+        watch = await self._watch_load(bool(server.backends))
+        try:
+            look = 0
+            while True:
+                how = await server.exited()
+                if how is not None:
+                    return f"{how} while loading the model"
+                if await self._http.health() is Health.READY and await server.exited() is None:
+                    return None
+                # A sample walks every TCP socket of the machine (3 ms with 900): every 4th look.
+                look += 1
+                if look % 4 == 1:
+                    await self._sample_load(watch, server.pid, server.log_path)
+                    stalled = watch.stalled()
+                    if stalled is not None:
+                        return stalled
+                    await self._tell_load(watch)
+                await asyncio.sleep(0.05)
+        finally:
+            self.load = None
+
+    async def _watch_load(self, remote: bool) -> LoadWatch:
+        self._told_load_at, self._load_lines = float("-inf"), ProgressLines()
+        self.load = LoadWatch(
+            self.timings.stall_timeout_s, self.clock(), await self._bytes_to_send(), remote
+        )
+        return self.load
+
+    async def _bytes_to_send(self) -> int | None:
+        """The weights the plan puts on the backends (they cross the links at load); without
+        a plan, the model file's size: an upper bound (token embeddings stay local)."""
+        if self.plan is not None and self.plan.backends:
+            return sum(d.weights for d in self.plan.backends)
+        model = self.model
+        if model is None:
+            return None
+        try:
+            return (await asyncio.to_thread(model.stat)).st_size
+        except OSError:
+            return None
+
+    async def _sample_load(self, watch: LoadWatch, pid: int | None, log: Path | None) -> None:
+        """One look at the load, at the clock's now."""
+        now = self.clock()
+        watch.feed(await asyncio.to_thread(read_load_sample, pid, log, self.opts.port, now))
+
+    async def _tell_load(self, watch: LoadWatch) -> None:
+        """The record at most every `progress_every_s`; a line every 10 % or 5 s."""
+        now = watch.seen_at
+        if now - self._told_load_at < self.timings.progress_every_s:
+            return
+        self._told_load_at = now
+        progress = watch.progress()
+        text = progress.text()
+        if self._load_lines.due(now, progress.percent):
+            self.publish.say(text)
+        await self.publish.state(CoordinatorState.STARTING, reason=text)
 
     async def _failed_start(self, server: OwnedServer, failed: str) -> None:
         await server.stop(self.timings.failover_grace_s)
@@ -358,6 +450,7 @@ class Runner:
         message = f"llama-server pid {server.pid} {verb} on {self.opts.base_url} with {names}"
         if action.restart:
             message += f" ({action.reason})"
+        memory = await self._memory(server)
         self.publish.say(message)
         await self.publish.event(
             kind,
@@ -374,8 +467,20 @@ class Runner:
             started_at=time.time(),
             reason=action.reason,
             restarted=action.restart,
+            memory=memory,
         )
         self._answer_restart(True)
+
+    async def _memory(self, server: Supervised) -> tuple[DeviceMemory, ...]:
+        """Each device's planned bytes and what the log since this start says it used; nothing
+        for an adopted llama-server (we neither planned it nor have its log)."""
+        if server.adopted:
+            return ()
+        text = await asyncio.to_thread(server.log_head, LOG_HEAD_BYTES)
+        used = parse_buffers(text)
+        if not used:
+            log.warning("no buffer sizes in llama-server's log (it runs without -lv 4?)")
+        return device_memory(used, self.planned)
 
     def _answer_restart(self, serving: bool) -> None:
         for waiter in self._restart_waiters:
@@ -438,11 +543,14 @@ class Runner:
             raise CoordinatorError(f"model file not found: {self.model}")
 
     async def _adopt(self, found: AdoptedServer) -> None:
-        deadline = time.monotonic() + self.timings.start_timeout_s
-        while time.monotonic() < deadline:
-            if await self._http.health() is not Health.LOADING:
-                break
-            await asyncio.sleep(0.1)
+        watch = await self._watch_load(bool(found.backends))
+        try:  # a stalled load is adopted as it is: the serving loop judges it from there
+            while await self._http.health() is Health.LOADING and watch.stalled() is None:
+                await self._sample_load(watch, found.pid, None)
+                await self._tell_load(watch)
+                await asyncio.sleep(0.1)
+        finally:
+            self.load = None
         for problem in found.found.errors:
             self.publish.warn(f"adopted llama-server: {problem}")
         if self.model is None and found.model:

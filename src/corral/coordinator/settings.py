@@ -11,6 +11,7 @@ from corral.coordinator.runner import Timings
 from corral.endpoint import Endpoint, parse_endpoint
 from corral.llama.server import ServerOptions
 from corral.llama.split import parse_tensor_split
+from corral.models.plan import WhenShort
 
 
 def parse_backends(texts: list[str]) -> tuple[Endpoint, ...]:
@@ -39,16 +40,22 @@ def coordinator_settings(
     min_backends: int,
     on_change: OnChange | str,
     local_fallback: bool,
+    when_short: WhenShort | str = WhenShort.WAIT,
     debounce: float,
     drain_timeout: float,
-    start_timeout: float,
+    stall_timeout: float,
     probe_interval: float,
     extra: list[str] | None,
 ) -> CoordinatorSettings:
     """Raises ValueError (EndpointError included) with a message that names the option.
 
-    `on_change` may be given by its value ("restart", "ignore").
+    `on_change` may be given by its value ("restart", "ignore"), `when_short` too ("cpu", "wait").
     """
+    try:
+        short = WhenShort(when_short)
+    except ValueError:
+        choices = ", ".join(c.value for c in WhenShort)
+        raise ValueError(f"--when-short {when_short!r}: expected one of {choices}") from None
     try:
         change = OnChange(on_change)
     except ValueError:
@@ -69,10 +76,11 @@ def coordinator_settings(
             debounce_s=debounce,
             on_change=change,
             local_fallback=local_fallback,
+            when_short=short,
         ),
         timings=Timings(
             probe_every_s=probe_interval,
-            start_timeout_s=start_timeout,
+            stall_timeout_s=stall_timeout,
             drain_timeout_s=drain_timeout,
         ),
         backends=parse_backends(backend or []),

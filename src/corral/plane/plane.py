@@ -26,9 +26,14 @@ from corral.coordinator.runner import CoordinatorError, Runner, Timings
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions
+from corral.models.fetch import Download
+from corral.models.reference import ModelError
 from corral.monitor import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_BACKENDS, Monitor
+from corral.net.notify import Notifier
 from corral.plane.control import RunnerControl
+from corral.plane.fetching import fetch_model
 from corral.plane.parts import MonitorRescan, first_discovery
+from corral.plane.readiness import probe_url, report_service
 from corral.rpc.held import HeldBackends
 from corral.rpc.probe import Prober
 from corral.sources.chain import ChainOptions, build_chain
@@ -36,6 +41,7 @@ from corral.store.base import Store
 from corral.store.factory import open_store
 from corral.types import SourceName
 from corral.web.app import create_app
+from corral.web.history import DEFAULT_STEP_S
 from corral.web.security import DEFAULT_MAX_NODES, check_bind
 from corral.web.server import serve
 
@@ -69,12 +75,13 @@ class WatchPlan:
 
 @dataclass(frozen=True, slots=True)
 class CoordinatorPlan:
-    model: Path
+    model: Path | None  # None until `fetch` has fetched it
     llama_server: Path
     server: ServerOptions
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     timings: Timings = field(default_factory=Timings)
     explicit: tuple[Endpoint, ...] = ()
+    fetch: Download | None = None  # a model from Hugging Face, fetched once the page is up
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +97,7 @@ class PlaneConfig:
     redis_url: str | None = None
     environ: Mapping[str, str] | None = None  # for the store's Redis settings; None: os.environ
     max_nodes: int = DEFAULT_MAX_NODES  # --max-nodes: live node registrations the API takes
+    history_step_s: float = DEFAULT_STEP_S  # --history-step: the page's charts' sample pace
 
 
 @dataclass
@@ -181,9 +189,11 @@ async def run_plane(
     say: Say,
     warn: Say,
     on_ready: Callable[[Plane], None] | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
     """Run until `stop` is set (or a part fails: PlaneError). Raises InsecureBindError before
-    anything starts when the dashboard would listen beyond loopback without a token."""
+    anything starts when the dashboard would listen beyond loopback without a token. With a
+    `notifier` (run as a systemd service) it says READY=1 once the dashboard answers HTTP."""
     check_bind(cfg.host, cfg.token, cfg.insecure)
     try:
         store = await open_store(cfg.redis_url, cfg.state, environ=cfg.environ)
@@ -197,7 +207,7 @@ async def run_plane(
             except AlreadyRunning as exc:
                 port = cfg.coordinator.server.port if cfg.coordinator else 0
                 raise PlaneError(f"coordinator port {port}: {exc}") from None
-        await _run(cfg, store, prober, stop, say, warn, on_ready)
+        await _run(cfg, store, prober, stop, say, warn, on_ready, notifier)
     finally:
         if pid_path is not None:
             await asyncio.to_thread(release, pid_path)
@@ -212,6 +222,7 @@ async def _run(
     say: Say,
     warn: Say,
     on_ready: Callable[[Plane], None] | None,
+    notifier: Notifier | None = None,
 ) -> None:
     plan = cfg.coordinator
     held = HeldBackends()  # one owner: the runner when there is one, else the monitor
@@ -221,9 +232,7 @@ async def _run(
     control = None
     if runner is not None:
         t = runner.timings
-        control = RunnerControl(
-            runner, restart_timeout_s=t.drain_timeout_s + t.stop_grace_s + t.start_timeout_s + 30
-        )
+        control = RunnerControl(runner, restart_timeout_s=t.drain_timeout_s + t.stop_grace_s + 30)
     app = create_app(
         store,
         rescan=MonitorRescan(monitor),
@@ -231,9 +240,12 @@ async def _run(
         coordinator_url=runner.opts.base_url if runner else cfg.coordinator_url,
         token=cfg.token,
         max_nodes=cfg.max_nodes,
+        history_step_s=cfg.history_step_s,
+        coordinator_log=runner.log_path if runner else None,
     )
     bound: asyncio.Future[int] = asyncio.get_running_loop().create_future()
     tasks: dict[str, asyncio.Task[None]] = {}
+    service: asyncio.Task[None] | None = None  # not a part: it ends after STOPPING=1
     tasks["dashboard"] = asyncio.create_task(
         serve(
             app,
@@ -251,8 +263,13 @@ async def _run(
         if not bound.done():  # it ended before it was up: failed, or stopped that early
             _raise_failure("dashboard", tasks["dashboard"], stop)
             return
+        if notifier is not None:
+            url = probe_url(cfg.host, bound.result())
+            service = asyncio.create_task(report_service(notifier, url, stop))
         tasks["monitor"] = asyncio.create_task(monitor.run(stop))
         if runner is not None and control is not None:
+            if plan is not None and plan.fetch is not None:
+                runner.model = await _fetch(plan.fetch, runner, stop, say)
             if not await _first_discovery(monitor, stop) and not stop.is_set():
                 warn(f"no discovery run completed in {FIRST_DISCOVERY_S:g} s; starting anyway")
             if not stop.is_set():
@@ -272,7 +289,16 @@ async def _run(
             _raise_failure(failed, tasks[failed], None)
     finally:
         stop.set()
+        if service is not None:  # STOPPING=1 first: the parts may take their time
+            await asyncio.wait({service}, timeout=STOP_S)
         await _finish(tasks)
+
+
+async def _fetch(fetch: Download, runner: Runner, stop: asyncio.Event, say: Say) -> Path | None:
+    try:
+        return await fetch_model(fetch, runner.publish, stop, say)
+    except ModelError as exc:
+        raise PlaneError(f"--model: {exc}") from None
 
 
 async def _first_discovery(monitor: Monitor, stop: asyncio.Event) -> bool:

@@ -13,7 +13,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from corral.endpoint import Endpoint
-from corral.types import CoordinatorState, Device, SourceName, Status
+from corral.types import CoordinatorState, Device, DeviceMemory, SourceName, Status
 
 DEFAULT_HEARTBEAT_S = 2.0
 MISSED_BEATS = 3  # a node is gone after three missed heartbeats
@@ -58,6 +58,12 @@ class NodeRegistration:
     restarts: int = 0
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     last_heartbeat: float = field(default_factory=time.time)
+    # rpc-server's tensor cache (-c): its directory (None: off or unknown) and the bytes it held
+    # at the last measure (None: not measured yet); `cache_capped`: the bounded walk stopped
+    # early, so it holds at least that much.
+    cache_dir: str | None = None
+    cache_bytes: int | None = None
+    cache_capped: bool = False
 
     @property
     def ttl_s(self) -> float:
@@ -98,6 +104,8 @@ class CoordinatorRecord:
     restarts: int = 0
     last_reason: str | None = None
     updated_at: float = field(default_factory=time.time)
+    # Per device: bytes planned for, and used (from llama-server's log) once it serves.
+    memory: tuple[DeviceMemory, ...] = ()
 
 
 TOPICS = frozenset({"backends", "nodes", "coordinator", "events"})

@@ -23,7 +23,15 @@ from corral.store.base import (
     EventKind,
     NodeRegistration,
 )
-from corral.types import CoordinatorState, Device, SourceName, Status
+from corral.types import (
+    BufferBytes,
+    CoordinatorState,
+    Device,
+    DeviceMemory,
+    DeviceRef,
+    SourceName,
+    Status,
+)
 
 MAX_VALUE_BYTES = 64 * 1024  # one stored value; a coordinator with 1000 backends fits
 MAX_TEXT = 4096  # messages, errors, reasons
@@ -31,6 +39,8 @@ MAX_NAME = 256  # versions, host names, client addresses
 MAX_DEVICES = 64
 MAX_LIST = 1024
 MAX_NAMES = 16  # other names of one backend
+MAX_MEMORY = 128  # devices in the coordinator's memory view (1000 backends still fit beside)
+MAX_DEVICE_NAME = 160
 MAX_TS = 1e11  # seconds since the epoch; later than this is junk, not a clock
 MAX_BYTES = 2**63 - 1
 _NODE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
@@ -334,6 +344,9 @@ def node_to_json(reg: NodeRegistration) -> dict[str, Any]:
         "restarts": reg.restarts,
         "heartbeat_s": reg.heartbeat_s,
         "last_heartbeat": reg.last_heartbeat,
+        "cache_dir": reg.cache_dir,
+        "cache_bytes": reg.cache_bytes,
+        "cache_capped": reg.cache_capped,
     }
     _check(out, where, node_from_json)
     return out
@@ -353,6 +366,9 @@ def node_from_json(obj: object, where: str) -> NodeRegistration:
         restarts=f.integer("restarts", 0, 2**31, default=0),
         heartbeat_s=f.number("heartbeat_s", 0.01, 86400),
         last_heartbeat=f.number("last_heartbeat", 0, MAX_TS),
+        cache_dir=f.opt_text("cache_dir", MAX_TEXT),
+        cache_bytes=f.opt_integer("cache_bytes", 0, MAX_BYTES),
+        cache_capped=f.flag("cache_capped"),
     )
 
 
@@ -371,9 +387,47 @@ def coordinator_to_json(rec: CoordinatorRecord) -> dict[str, Any]:
         "restarts": rec.restarts,
         "last_reason": None if rec.last_reason is None else clean_text(rec.last_reason),
         "updated_at": rec.updated_at,
+        "memory": [_memory_to_json(m, where) for m in rec.memory],
     }
     _check(out, where, coordinator_from_json)
     return out
+
+
+def _memory_to_json(m: DeviceMemory, where: str) -> dict[str, Any]:
+    used = m.used
+    return {
+        "backend": None if m.ref.backend is None else endpoint_key(m.ref.backend, where),
+        "device": m.ref.device,
+        "planned_bytes": m.planned_bytes,
+        "used": None
+        if used is None
+        else {"model": used.model, "kv": used.kv, "compute": used.compute},
+    }
+
+
+def _memory(f: _Fields) -> tuple[DeviceMemory, ...]:
+    out = []
+    for i, item in enumerate(f.items("memory", MAX_MEMORY)):
+        m = _Fields(item, f"{f.where}: field 'memory'[{i}]")
+        device = m.text("device", MAX_DEVICE_NAME)
+        if not device or " " in device:
+            raise m.fail("device", f"not a device name: {show(device)}")
+        used = None
+        if m.obj.get("used") is not None:
+            u = _Fields(m.obj["used"], f"{m.where}: field 'used'")
+            used = BufferBytes(
+                u.integer("model", 0, MAX_BYTES),
+                u.integer("kv", 0, MAX_BYTES),
+                u.integer("compute", 0, MAX_BYTES),
+            )
+        out.append(
+            DeviceMemory(
+                DeviceRef(m.opt_endpoint("backend"), device),
+                planned_bytes=m.opt_integer("planned_bytes", 0, MAX_BYTES),
+                used=used,
+            )
+        )
+    return tuple(out)
 
 
 def coordinator_from_json(obj: object, where: str) -> CoordinatorRecord:
@@ -398,6 +452,7 @@ def coordinator_from_json(obj: object, where: str) -> CoordinatorRecord:
         restarts=f.integer("restarts", 0, 2**31, default=0),
         last_reason=f.opt_text("last_reason", MAX_TEXT, multiline=True),
         updated_at=f.number("updated_at", 0, MAX_TS),
+        memory=_memory(f),
     )
 
 

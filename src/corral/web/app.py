@@ -13,15 +13,19 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
 from corral.store.base import Store
 from corral.web.control import CoordinatorControl, Rescan
+from corral.web.history import DEFAULT_STEP_S, History, observation
 from corral.web.live import LiveView
+from corral.web.logtail import LogFollowers
 from corral.web.metrics import Figures, make_registry
 from corral.web.proxy import Forwarder
 from corral.web.routes import ROUTERS, AppContext, app_context
+from corral.web.routes.assets import load_assets
 from corral.web.routes.page import load_page
 from corral.web.routes.status import BACKENDS_PATH
 from corral.web.security import (
@@ -85,6 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         ctx.live.close_streams()
+        ctx.logs.close()
         for task in [runner, *ctx.jobs.tasks]:
             task.cancel()
         for task in [runner, *ctx.jobs.tasks]:
@@ -107,6 +112,8 @@ def create_app(
     max_nodes: int = DEFAULT_MAX_NODES,
     registrations: RateLimit | None = None,
     clock: Callable[[], float] = time.time,
+    history_step_s: float = DEFAULT_STEP_S,
+    coordinator_log: Path | None = None,
 ) -> FastAPI:
     """Build the dashboard.
 
@@ -126,11 +133,21 @@ def create_app(
     max_nodes: live nodes `POST /api/nodes/heartbeat` takes at once (`--max-nodes`);
         registrations: new registrations per client address (token bucket; None → 10/s,
         bursts of 20); past either, 429 with Retry-After. A live node's heartbeat always passes.
-    clock: wall time for the registration bounds (tests pass a FakeClock).
+    clock: wall time for the registration bounds and the history (tests pass a FakeClock).
+    history_step_s: seconds between the history's samples (`GET /api/history`, the last hour).
+    coordinator_log: the in-process coordinator's llama-server log, followed at `GET /api/logs`
+        (with the token); None → 404, no coordinator here.
     """
     token = token or None
     live = LiveView(store, coordinator, refresh_s=refresh_s)
     figures = Figures()
+    history = History(step_s=history_step_s)
+
+    def feed_history() -> None:  # after each refresh: a status change, or a sample when due
+        seen = observation(clock(), live.backends_items, live.coordinator(), figures.proxy_total)
+        history.observe(seen)
+
+    live.on_refresh.append(feed_history)
     page, csp = load_page()
     app = FastAPI(
         title="Corral",
@@ -155,6 +172,9 @@ def create_app(
         page_csp=csp,
         nodes=nodes,
         clock=clock,
+        history=history,
+        logs=LogFollowers(coordinator_log),
+        assets=load_assets(),
     )
     for router in ROUTERS:
         app.include_router(router)

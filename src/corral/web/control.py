@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from corral.endpoint import Endpoint
-from corral.types import CoordinatorState
+from corral.types import CoordinatorState, DeviceMemory
 
 # Triggers one discovery run of the monitor (sources → probe → store) and returns when it is done.
 Rescan = Callable[[], Awaitable[None]]
@@ -38,6 +38,8 @@ class CoordinatorStatusLike(Protocol):
     def last_reason(self) -> str | None: ...
     @property
     def tokens_per_second(self) -> float | None: ...
+    @property
+    def memory(self) -> Sequence[DeviceMemory]: ...
 
 
 class CoordinatorControl(Protocol):
@@ -60,3 +62,4 @@ class CoordinatorStatus:
     restarts: int = 0
     last_reason: str | None = None
     tokens_per_second: float | None = None
+    memory: tuple[DeviceMemory, ...] = ()

@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from corral.store.base import BackendRecord, CoordinatorRecord, Event, Store
@@ -109,6 +109,8 @@ class LiveView:
         self._encoded_in_use: object = None
         self._seen_events: set[tuple[Any, ...]] | None = None
         self._listeners: set[Listener] = set()
+        # Called after each refresh (the history's feed); one that raises is logged, not fatal.
+        self.on_refresh: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
         self._first = asyncio.Event()
         self._following = asyncio.Event()
@@ -192,6 +194,11 @@ class LiveView:
         self.refreshes += 1
         self.store_error = None
         self._first.set()
+        for hook in self.on_refresh:
+            try:
+                hook()
+            except Exception:
+                log.exception("dashboard: an after-refresh hook failed")
 
     def _new_events(self, events: list[Event]) -> None:
         keys = [(e.ts, str(e.kind), e.message, str(e.endpoint)) for e in events]

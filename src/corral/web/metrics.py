@@ -195,6 +195,7 @@ class CorralCollector(Collector):
             )
             uptime.add_metric([], float(coordinator["uptime_s"]))
             yield uptime
+        yield from _memory_metrics(coordinator["memory"])
         if coordinator["tokens_per_second"] is not None:
             tps = GaugeMetricFamily(
                 "corral_coordinator_tokens_per_second", "Generation speed, when known"
@@ -234,6 +235,29 @@ class CorralCollector(Collector):
             )
             snap.add_metric([], age)
             yield snap
+
+
+def _memory_metrics(memory: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Per backend ("local": llama-server's own machine) and device, from /api/coordinator's
+    `memory`: what llama-server allocated, by kind, and what was planned."""
+    used = GaugeMetricFamily(
+        "corral_device_used_bytes",
+        "Bytes the coordinator's llama-server allocated on a device (its log, to 5 KiB)",
+        labels=["backend", "device", "kind"],
+    )
+    planned = GaugeMetricFamily(
+        "corral_device_planned_bytes",
+        "Bytes planned for a device before the coordinator's llama-server started",
+        labels=["backend", "device"],
+    )
+    for m in memory:
+        where = [m["backend"], m["device"]]
+        if m["used_bytes"] is not None:
+            for kind in ("model", "kv", "compute"):
+                used.add_metric([*where, kind], float(m[f"{kind}_bytes"]))
+        if m["planned_bytes"] is not None:
+            planned.add_metric(where, float(m["planned_bytes"]))
+    yield from (used, planned)
 
 
 def make_registry(live: LiveView, figures: Figures) -> CollectorRegistry:

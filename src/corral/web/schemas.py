@@ -8,12 +8,13 @@ server (`POST /api/nodes/heartbeat`) and the client (`post_heartbeat`).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from corral.endpoint import EndpointError, parse_endpoint
+from corral.llama.rpc_cache import shown_path
 from corral.store import codec
 from corral.store.base import (
     DEFAULT_HEARTBEAT_S,
@@ -22,7 +23,7 @@ from corral.store.base import (
     Event,
     NodeRegistration,
 )
-from corral.types import CoordinatorState, Device, Status, contract_json
+from corral.types import CoordinatorState, Device, DeviceMemory, Status, contract_json
 from corral.web.control import CoordinatorStatusLike
 
 StatusName = Literal["ready", "busy", "offline", "incompatible", "not-rpc"]
@@ -58,6 +59,26 @@ class BackendOut(BaseModel):
     in_use: bool = Field(description="The coordinator's llama-server uses this backend")
 
 
+class DeviceMemoryOut(BaseModel):
+    """One device's memory for the coordinator's llama-server."""
+
+    backend: str = Field(
+        description="host:port of the backend, or `local`: llama-server's own machine"
+    )
+    device: str = Field(
+        description="the backend's device index (as in its `devices`); for `local`, `host`"
+        " (llama-server's RAM) or an accelerator's name"
+    )
+    planned_bytes: int | None = Field(description="planned before the start; null: no plan")
+    used_bytes: int | None = Field(
+        description="allocated, as llama-server's log reports it once it serves (to 5 KiB per"
+        " buffer); null: not known, e.g. a llama-server Corral adopted"
+    )
+    model_bytes: int | None = Field(description="of used_bytes: the weights")
+    kv_bytes: int | None = Field(description="of used_bytes: the KV cache or recurrent state")
+    compute_bytes: int | None = Field(description="of used_bytes: compute and output buffers")
+
+
 class CoordinatorOut(BaseModel):
     state: CoordinatorState
     tone: str = Field(description="how the page colours the state: ok, working, idle, down")
@@ -71,6 +92,9 @@ class CoordinatorOut(BaseModel):
     tokens_per_second: float | None
     source: Literal["controller", "store", "none"] = Field(
         description="where this view comes from: the live controller, the store, or nowhere"
+    )
+    memory: list[DeviceMemoryOut] = Field(
+        description="per backend and device: bytes planned and used while llama-server runs"
     )
 
 
@@ -138,6 +162,33 @@ class HealthOut(BaseModel):
     snapshot_age_s: float | None
 
 
+class IntervalOut(BaseModel):
+    status: str = Field(description="as the page shows it: the API's status, or `serving`")
+    from_: float = Field(alias="from", description="Unix time it began (or the window's start)")
+    to: float | None = Field(description="Unix time it ended; null: it still holds")
+
+
+class BackendHistoryOut(BaseModel):
+    endpoint: str
+    latency_ms: list[float | None] = Field(description="probe latency at each of `times`")
+    timeline: list[IntervalOut] = Field(description="its statuses over the window, oldest first")
+
+
+class HistoryOut(BaseModel):
+    """The last `window_s`, sampled every `step_s`: every list in step with `times`."""
+
+    step_s: float
+    window_s: float
+    now: float | None = Field(description="Unix time of the last look; null: none yet")
+    times: list[float] = Field(description="Unix time of each sample, oldest first")
+    tokens_per_second: list[float | None]
+    requests: list[int | None] = Field(
+        description="requests forwarded through /v1 since the sample before (null: unknown)"
+    )
+    backends: list[BackendHistoryOut]
+    untracked: int = Field(description="backends seen but not kept: past the history's cap")
+
+
 class AcceptedOut(BaseModel):
     accepted: bool
     detail: str
@@ -198,6 +249,21 @@ class HeartbeatIn(BaseModel):
     restarts: JsonInt = Field(default=0, ge=0, le=2**31)
     heartbeat_s: float = Field(default=DEFAULT_HEARTBEAT_S, ge=0.1, le=3600)
     last_heartbeat: float | None = Field(default=None, ge=0, le=1e11)
+    cache_dir: str | None = Field(
+        default=None, max_length=4096, description="rpc-server's tensor cache directory (-c)"
+    )
+    cache_bytes: Annotated[int | None, BeforeValidator(_integral)] = Field(
+        default=None, ge=0, le=MAX_BYTES, description="Bytes the cache held at the last measure"
+    )
+    cache_capped: bool = Field(
+        default=False, description="The measure stopped at its bound: at least cache_bytes"
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir(cls, value: str | None) -> str | None:
+        # A path may hold any character: shown, not refused (the codec takes printable text).
+        return None if value is None else shown_path(value)
 
     @field_validator("endpoint")
     @classmethod
@@ -229,6 +295,9 @@ class HeartbeatIn(BaseModel):
             restarts=self.restarts,
             heartbeat_s=self.heartbeat_s,
             last_heartbeat=received_at,
+            cache_dir=self.cache_dir,
+            cache_bytes=self.cache_bytes,
+            cache_capped=self.cache_capped,
         )
 
 
@@ -280,6 +349,24 @@ def event_to_json(ev: Event) -> dict[str, Any]:
     }
 
 
+def memory_to_json(memory: Iterable[DeviceMemory]) -> list[dict[str, Any]]:
+    out = []
+    for m in memory:
+        used = m.used
+        out.append(
+            {
+                "backend": m.ref.backend_name,
+                "device": m.ref.device,
+                "planned_bytes": m.planned_bytes,
+                "used_bytes": m.used_bytes,
+                "model_bytes": None if used is None else used.model,
+                "kv_bytes": None if used is None else used.kv,
+                "compute_bytes": None if used is None else used.compute,
+            }
+        )
+    return out
+
+
 def coordinator_from_status(
     st: CoordinatorStatusLike, tps_fallback: float | None
 ) -> dict[str, Any]:
@@ -296,6 +383,7 @@ def coordinator_from_status(
         "last_reason": st.last_reason,
         "tokens_per_second": tps,
         "source": "controller",
+        "memory": memory_to_json(st.memory),
     }
 
 
@@ -315,6 +403,7 @@ def coordinator_from_record(
             "last_reason": None,
             "tokens_per_second": None,
             "source": "none",
+            "memory": [],
         }
     now = time.time() if now is None else now
     running = rec.state in (CoordinatorState.STARTING, CoordinatorState.SERVING)
@@ -331,6 +420,7 @@ def coordinator_from_record(
         "last_reason": rec.last_reason,
         "tokens_per_second": tps if running else None,
         "source": "store",
+        "memory": memory_to_json(rec.memory),
     }
 
 

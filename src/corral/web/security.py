@@ -1,10 +1,11 @@
 """The dashboard's guards: where it may listen, who may act, and how much they may send.
 
 Reads are open (they show what the store says); every request that could change something (any
-method but GET/HEAD) and every request to `/v1` (GET included: each one reaches the model) needs
-`Authorization: Bearer <token>`, checked before its body is read. Every body, on every route and
-method, is read in the chunks the server hands over and refused (413) past the route's cap, so
-none is ever held whole beyond it. The Host header is read as a URL authority would be (one
+method but GET/HEAD), every request to `/v1` (GET included: each one reaches the model) and the
+coordinator's log (`/api/logs`: it can hold prompts) need `Authorization: Bearer <token>`,
+checked before its body is read. Every body, on every route and method, is read in the chunks
+the server hands over and refused (413) past the route's cap, so none is ever held whole beyond
+it. The Host header is read as a URL authority would be (one
 header, no userinfo, brackets closed right before the port, a port of digits); a request that
 reached a loopback address must also be addressed to a loopback name or one of the machine's
 own, so a web page cannot read the dashboard (or prompt the coordinator) through DNS rebinding.
@@ -228,10 +229,18 @@ class GuardConfig:
     machine_names: frozenset[str] = frozenset()  # accepted on loopback besides loopback names
     drain_limit: int = DRAIN_LIMIT
     registration_path: str = "/api/nodes/heartbeat"
+    # Reads that need the token too: the coordinator's log can hold prompts.
+    guarded_reads: frozenset[str] = frozenset({"/api/logs"})
 
     def is_proxied(self, path: str) -> bool:
         """`/v1` and everything under it: forwarded to the model, so always token-guarded."""
         return path.startswith(self.proxy_prefix) or path == self.proxy_prefix.rstrip("/")
+
+    def needs_token(self, method: str, path: str | None) -> bool:
+        """Every method but GET/HEAD; and those too on `/v1` and on the guarded reads."""
+        if method.upper() not in SAFE_METHODS:
+            return True
+        return path is not None and (self.is_proxied(path) or path in self.guarded_reads)
 
 
 class Refusal(Exception):
@@ -246,8 +255,8 @@ def authorize(
     cfg: GuardConfig, method: str, authorization: str | None, path: str | None = None
 ) -> None:
     """Pure: raise Refusal(401) unless this request may go on. GET/HEAD are open, except on
-    `/v1` (`path`), where every request reaches the model."""
-    if method.upper() in SAFE_METHODS and not (path is not None and cfg.is_proxied(path)):
+    `/v1` (`path`), where every request reaches the model, and on `cfg.guarded_reads`."""
+    if not cfg.needs_token(method, path):
         return
     challenge = {"WWW-Authenticate": 'Bearer realm="corral"'}
     if not cfg.token:
@@ -396,7 +405,7 @@ class GuardMiddleware:
         method: str = scope["method"]
         path: str = scope["path"]
         proxied = self.cfg.is_proxied(path)
-        if method in SAFE_METHODS and not proxied and not has_body:  # the hot path: reads
+        if not has_body and not self.cfg.needs_token(method, path):  # the hot path: reads
             await self.app(scope, receive, send)
             return
         limit = self.cfg.max_proxy_body if proxied else self.cfg.max_body

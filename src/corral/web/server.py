@@ -207,6 +207,7 @@ class _Server(uvicorn.Server):
         ctx = getattr(self._app.state, "corral", None)
         if ctx is not None:
             ctx.live.close_streams()
+            ctx.logs.close()  # the log followers too: open streams would hold up the exit
         self.should_exit = True
 
 
@@ -260,6 +261,9 @@ async def serve(
     config = uvicorn.Config(
         app,
         log_level=log_level,
+        # uvicorn's records go to the root logger like Corral's own, in the format the command
+        # set (text, or JSON with --log-format json), not in uvicorn's own handler and format.
+        log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=3,

@@ -6,13 +6,26 @@ the OpenAPI document.
 
 from fastapi import APIRouter
 
-from corral.web.routes import actions, events, page, prometheus, proxy, status
+from corral.web.routes import (
+    actions,
+    assets,
+    events,
+    history,
+    logs,
+    page,
+    prometheus,
+    proxy,
+    status,
+)
 from corral.web.routes.context import AppContext, app_context
 
 ROUTERS: tuple[APIRouter, ...] = (
     page.router,
+    assets.router,
     status.router,
+    history.router,
     events.router,
+    logs.router,
     actions.router,
     prometheus.router,
     proxy.router,

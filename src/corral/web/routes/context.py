@@ -13,7 +13,9 @@ from prometheus_client import CollectorRegistry
 
 from corral.store.base import Store
 from corral.web.control import CoordinatorControl, Rescan
+from corral.web.history import History
 from corral.web.live import LiveView
+from corral.web.logtail import LogFollowers
 from corral.web.metrics import Figures
 from corral.web.proxy import Forwarder
 from corral.web.security import NodeAdmission
@@ -54,6 +56,12 @@ class AppContext:
     # on `clock` (wall time: the store's registrations expire by it too).
     nodes: NodeAdmission = field(default_factory=NodeAdmission)
     clock: Callable[[], float] = time.time
+    # The last hour of figures and statuses (fed by LiveView's refreshes), and the followers of
+    # the coordinator's llama-server log (path None: no coordinator in this process).
+    history: History = field(default_factory=History)
+    logs: LogFollowers = field(default_factory=lambda: LogFollowers(None))
+    # The vendored files the page loads (name -> body, content type), read once at start.
+    assets: dict[str, tuple[bytes, str]] = field(default_factory=dict)
 
 
 def app_context(app: FastAPI) -> AppContext:

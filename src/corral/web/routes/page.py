@@ -28,7 +28,8 @@ def load_page() -> tuple[bytes, str]:
 
     csp = (
         "default-src 'none'; "
-        f"script-src {hashes('script')}; style-src {hashes('style')}; "
+        # 'self': the vendored charting library (routes/assets.py), nothing else from anywhere.
+        f"script-src 'self' {hashes('script')}; style-src 'self' {hashes('style')}; "
         "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
         "frame-ancestors 'none'"
     )
