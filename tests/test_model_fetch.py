@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -384,3 +385,25 @@ async def test_stopping_the_plane_stops_the_fetch_and_keeps_what_came(
         assert await asyncio.wait_for(fetching, 5) is None
     finally:
         await store.close()
+
+
+async def test_corral_plan_takes_a_reference(
+    hub: FakeHub, ggufs: dict[str, bytes], tmp_path: Path
+) -> None:
+    """`corral plan --model OWNER/REPO:QUANT` fetches it (into the cache `corral up` reuses) and
+    plans it: here on this machine's memory alone (no backend given is ready)."""
+    env = isolated_env(tmp_path / "state") | {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path)}
+    env.pop("HF_TOKEN", None)
+    env.pop("HF_HUB_OFFLINE", None)
+    run = await corral(
+        "plan", "--model", f"{REPO}:Q8_0", "--when-short", "cpu", "--json", "--timeout", "0.5",
+        env=env,
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    made = json.loads(run.out)
+    assert made["fits"] is True and made["devices"], made
+    assert sum(d["weights_bytes"] for d in made["devices"]) > 0, made
+    cached = list((tmp_path / "hub").rglob("*Q8_0*.gguf"))
+    assert cached and await asyncio.to_thread(cached[0].read_bytes) == ggufs["Q8_0"]
+    run = await corral("plan", "--model", f"{REPO}:Q2_K", env=env)
+    assert run.code == 1 and f"{REPO} has no .gguf file for quant Q2_K" in run.err

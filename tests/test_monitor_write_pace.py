@@ -1,4 +1,4 @@
-"""The monitor writes a backend record when it says something new, and otherwise only at
+"""The monitor's pace. It writes a backend record when it says something new, and otherwise only at
 `rewrite_every_s`: rewriting every record at every 2 s recheck kept the store and each of its
 readers busy, and under a registration flood that was the API's p99 (issue: hardening).
 
@@ -8,12 +8,13 @@ closed loopback port is offline), on a FakeClock: the pace is asserted at the ex
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 from pathlib import Path
 
 from corral.discovery import Discovery
 from corral.endpoint import Endpoint
-from corral.monitor import Monitor, news
+from corral.monitor import OFFLINE_FULL_PACE, Monitor, news, offline_recheck_after
 from corral.rpc.held import HeldBackends
 from corral.rpc.probe import Prober
 from corral.store.base import BackendRecord
@@ -105,3 +106,51 @@ def test_decoded_rows_decode_only_new_or_changed_text() -> None:
     read([("b", "z")])
     read([("a", "x"), ("b", "z")])
     assert decoded[-1] == "a"
+
+
+def test_offline_rechecks_back_off_after_the_full_pace_misses() -> None:
+    assert [offline_recheck_after(m, 2.0, 30.0) for m in range(1, 10)] == [
+        2.0, 2.0, 2.0, 2.0, 2.0, 4.0, 8.0, 16.0, 30.0,
+    ]  # fmt: skip
+
+
+async def test_an_offline_backend_is_rechecked_less_often_then_seen_when_it_answers(
+    tmp_path: Path,
+) -> None:
+    """Found offline more than OFFLINE_FULL_PACE times in a row, its next recheck waits twice
+    the pace:
+    a listener that appears meanwhile is seen at that recheck, not before."""
+    clock = FakeClock()
+    store = await EmbeddedStore.open(tmp_path / "state.db")
+    held = HeldBackends()
+    prober = Prober(timeout=1.0, held=held)
+    host = next_loopback()
+    ep = Endpoint(host, free_port(host))
+    monitor = Monitor(
+        store,
+        prober,
+        lambda: Discovery([ListedSource([ep])], prober),
+        held=held,
+        clock=clock,
+        recheck_s=2.0,
+    )
+    listener = socket.socket()
+    try:
+        await monitor.discover_once()
+        for _ in range(OFFLINE_FULL_PACE + 1):  # the last of these waits twice the pace
+            clock.advance(2.0)
+            await monitor.recheck_once()
+        assert {r.endpoint: r.status for r in monitor.view()} == {ep: Status.OFFLINE}
+        # Something listens there now (it never answers HELLO: a connect that is queued and
+        # not served reads `busy`, see the facts file).
+        listener.bind((ep.host, ep.port))
+        listener.listen(4)
+        clock.advance(2.0)
+        await monitor.recheck_once()  # not due: 4 s after the last miss
+        assert monitor.view()[0].status is Status.OFFLINE
+        clock.advance(2.0)
+        await monitor.recheck_once()  # due
+        assert monitor.view()[0].status is not Status.OFFLINE
+    finally:
+        listener.close()
+        await store.close()

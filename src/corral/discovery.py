@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from corral.endpoint import Endpoint
 from corral.net.identity import identities
+from corral.net.pacing import staggered
 from corral.rpc.probe import Prober
 from corral.sources.base import Source, SourceReport
 from corral.types import Backend, ProbeResult, SourceName, Status
 
 LIVE = frozenset({Status.READY, Status.BUSY})
+STAGGER_WITHIN_S = 1.0  # however many there are, the last probe starts within this
 
 
 @dataclass(slots=True)
@@ -80,14 +83,19 @@ def _live(backend: Backend) -> bool:
 class Discovery:
     sources: Sequence[Source]
     prober: Prober
+    # Between the starts of its probes: 0 for a one-off command (it waits for all of them),
+    # a little for a long-running monitor that shares its event loop with the API.
+    stagger_s: float = 0.0
 
     async def run(self) -> DiscoveryResult:
         reports = await asyncio.gather(*(self._collect(s) for s in self.sources))
         identity = await identities(s.endpoint for r in reports for s in r.sightings)
         backends = merge(reports, identity)
         unprobed = [b for b in backends if b.probe is None]
-        results: list[ProbeResult] = await asyncio.gather(
-            *(self.prober.probe(b.endpoint) for b in unprobed)
+        results: list[ProbeResult] = await staggered(
+            [partial(self.prober.probe, b.endpoint) for b in unprobed],
+            self.stagger_s,
+            STAGGER_WITHIN_S,
         )
         for backend, result in zip(unprobed, results, strict=True):
             backend.probe = result

@@ -12,18 +12,18 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from corral.cli.console import bad_input, fail, stdout, warnings
+from corral.cli.model_ref import fetch_with_bar, model_option
 from corral.cli.options import (
     BackendOpt,
     CtxSizeOpt,
     GpuLayersOpt,
     JsonOpt,
-    ModelOpt,
+    ModelRefOpt,
     ParallelOpt,
     RedisOpt,
     TensorSplitOpt,
     TimeoutOpt,
     WhenShortOpt,
-    check_model,
     check_timeout,
 )
 
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 
 def plan(
-    model: ModelOpt = None,
+    model: ModelRefOpt = None,
     ctx_size: CtxSizeOpt = None,
     parallel: ParallelOpt = None,
     gpu_layers: GpuLayersOpt = 99,
@@ -60,7 +60,11 @@ def plan(
     check_timeout(timeout)
     if model is None:
         bad_input("no model: give --model PATH or set CORRAL_MODEL")
-    check_model(model)
+    # A reference is fetched first (into the shared cache `corral up` then reuses): the plan
+    # reads the model's header and tensor table, which are in its first part.
+    local, fetch = model_option(model)
+    model = local if fetch is None else fetch_with_bar(fetch)
+    assert model is not None
     try:
         given = parse_backends(backend or [])
         split = parse_tensor_split(tensor_split)

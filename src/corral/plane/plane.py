@@ -28,7 +28,7 @@ from corral.endpoint import Endpoint
 from corral.llama.server import ServerOptions
 from corral.models.fetch import Download
 from corral.models.reference import ModelError
-from corral.monitor import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_BACKENDS, Monitor
+from corral.monitor import DEFAULT_FORGET_AFTER_S, DEFAULT_MAX_BACKENDS, PROBE_STAGGER_S, Monitor
 from corral.net.notify import Notifier
 from corral.plane.control import RunnerControl
 from corral.plane.fetching import fetch_model
@@ -164,7 +164,7 @@ def _monitor(
     names = cfg.watch.sources
 
     def discovery() -> Discovery:
-        return Discovery(build_chain(names, chain, prober), prober)
+        return Discovery(build_chain(names, chain, prober), prober, stagger_s=PROBE_STAGGER_S)
 
     return Monitor(
         store,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import socket
@@ -289,6 +290,10 @@ async def serve(
         if task.done():
             await task  # raises what made it stop
             raise RuntimeError(f"dashboard on {host}:{bound_port} stopped while starting")
+        # Everything built so far (FastAPI's routes, pydantic's validators, the modules) lives
+        # as long as the process: out of the collector's sight, a full collection no longer
+        # walks it (each one held the event loop ~45 ms, the API's p99 under load).
+        gc.freeze()
         if on_ready is not None:
             on_ready(bound_port)
         if stop is None:
