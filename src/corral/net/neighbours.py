@@ -29,11 +29,13 @@ import ipaddress
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from corral.net import netlink
 
 ARP_TABLE = Path("/proc/net/arp")
 ARP_STATS = Path("/proc/net/stat/arp_cache")
@@ -92,10 +94,6 @@ def parse_arp_stats(text: str, gc_thresh3: int = DEFAULT_GC_THRESH3) -> Neighbou
     )
 
 
-_NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_RTA_HDR = struct.Struct("=HH")  # len, type
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
 _RTM_NEWNEIGHTBL = 64
 _RTM_GETNEIGHTBL = 66
 _NLM_F_REQUEST = 0x1
@@ -106,15 +104,11 @@ _NDT_STATS_FIELDS = 11  # struct ndt_stats: 11 x u64 in every kernel since 2.6.1
 _NDTS_FORCED_GC_RUNS, _NDTS_TABLE_FULLS = 9, 10
 
 
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def neightbl_request(seq: int = 1) -> bytes:
     """A netlink RTM_GETNEIGHTBL dump request for the IPv4 tables."""
     body = struct.pack("=BBH", socket.AF_INET, 0, 0)
     flags = _NLM_F_REQUEST | _NLM_F_DUMP
-    return _NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), _RTM_GETNEIGHTBL, flags, seq, 0) + body
+    return netlink.header(len(body), _RTM_GETNEIGHTBL, flags, seq) + body
 
 
 def parse_neightbl_dump(
@@ -126,13 +120,13 @@ def parse_neightbl_dump(
     """
     found: NeighbourStats | None = None
     done = False
-    for kind, body in _messages(data):
-        if kind == _NLMSG_DONE:
+    for kind, body in netlink.messages(data):
+        if kind == netlink.NLMSG_DONE:
             done = True
             break
         if kind != _RTM_NEWNEIGHTBL:
             continue
-        attrs = _parse_attrs(body[_NDTM_SIZE:])
+        attrs = netlink.attributes(body[_NDTM_SIZE:])
         name = attrs.get(_NDTA_NAME, b"").split(b"\0", 1)[0].decode("ascii", "replace")
         if name != table or _NDTA_STATS not in attrs or _NDTA_CONFIG not in attrs:
             continue  # per-device parameter messages carry the name but no stats
@@ -148,35 +142,6 @@ def parse_neightbl_dump(
             forced_gc_runs=counters[_NDTS_FORCED_GC_RUNS],
         )
     return found, done
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(type, body) of each netlink message in `data`; an error reply raises ValueError."""
-    offset = 0
-    while offset + _NLMSG_HDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
-        if length < _NLMSG_HDR.size or offset + length > len(data):
-            raise ValueError("netlink: truncated message")
-        body = data[offset + _NLMSG_HDR.size : offset + length]
-        offset += _align4(length)
-        if kind == _NLMSG_ERROR:
-            code = struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
-            if code != 0:
-                raise ValueError(f"netlink: error {code}")
-            continue  # an ACK
-        yield kind, body
-
-
-def _parse_attrs(data: bytes) -> dict[int, bytes]:
-    attrs: dict[int, bytes] = {}
-    offset = 0
-    while offset + _RTA_HDR.size <= len(data):
-        length, kind = _RTA_HDR.unpack_from(data, offset)
-        if length < _RTA_HDR.size or offset + length > len(data):
-            raise ValueError("netlink: truncated attribute")
-        attrs[kind & 0x3FFF] = data[offset + _RTA_HDR.size : offset + length]
-        offset += _align4(length)
-    return attrs
 
 
 def _read_neighbour_stats_netlink() -> NeighbourStats | None:
@@ -202,14 +167,14 @@ def neigh_request(seq: int = 1) -> bytes:
     """A netlink RTM_GETNEIGH dump request for this namespace's IPv4 neighbour entries."""
     body = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0)
     flags = _NLM_F_REQUEST | _NLM_F_DUMP
-    return _NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), _RTM_GETNEIGH, flags, seq, 0) + body
+    return netlink.header(len(body), _RTM_GETNEIGH, flags, seq) + body
 
 
 def parse_neigh_states(data: bytes) -> tuple[list[int], bool]:
     """The NUD states of the RTM_NEWNEIGH messages in `data`; and whether DONE was seen."""
     states: list[int] = []
-    for kind, body in _messages(data):
-        if kind == _NLMSG_DONE:
+    for kind, body in netlink.messages(data):
+        if kind == netlink.NLMSG_DONE:
             return states, True
         if kind == _RTM_NEWNEIGH and len(body) >= _NDMSG.size:
             states.append(_NDMSG.unpack_from(body)[4])

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import socket
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+from corral.net import netlink
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-_NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-_RTA_HDR = struct.Struct("=HH")  # len, type
-_NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _INET_DIAG_INFO = 2
 _TCP_ESTABLISHED = 1
@@ -48,7 +47,7 @@ def dump_request(family: int, seq: int = 1) -> bytes:
     """An INET_DIAG dump request: established TCP sockets of `family`, with their tcp_info."""
     body = _REQ.pack(family, socket.IPPROTO_TCP, 1 << (_INET_DIAG_INFO - 1), 1 << _TCP_ESTABLISHED)
     flags = _NLM_F_REQUEST | _NLM_F_DUMP
-    return _NLMSG_HDR.pack(_NLMSG_HDR.size + len(body), _SOCK_DIAG_BY_FAMILY, flags, seq, 0) + body
+    return netlink.header(len(body), _SOCK_DIAG_BY_FAMILY, flags, seq) + body
 
 
 def parse_dump(data: bytes) -> tuple[list[TcpBytes], bool]:
@@ -57,14 +56,14 @@ def parse_dump(data: bytes) -> tuple[list[TcpBytes], bool]:
     A socket without tcp_info (or a short one, before Linux 4.1) is left out. Raises ValueError
     on a malformed message or a netlink error reply."""
     found: list[TcpBytes] = []
-    for kind, body in _messages(data):
-        if kind == _NLMSG_DONE:
+    for kind, body in netlink.messages(data, "sock_diag"):
+        if kind == netlink.NLMSG_DONE:
             return found, True
         if kind != _SOCK_DIAG_BY_FAMILY or len(body) < _MSG.size:
             continue
         fields = _MSG.unpack_from(body)
         sport, inode = socket.ntohs(fields[4]), fields[10]
-        info = _attrs(body[_MSG.size :]).get(_INET_DIAG_INFO, b"")
+        info = netlink.attributes(body[_MSG.size :], "sock_diag").get(_INET_DIAG_INFO, b"")
         if len(info) < _BYTES_ACKED + 16:
             continue
         sent, received = struct.unpack_from("=QQ", info, _BYTES_ACKED)
@@ -103,31 +102,3 @@ def _dump(family: int) -> list[TcpBytes] | None:
             if len(found) > _MAX_SOCKETS:
                 return None
     return None
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + _NLMSG_HDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
-        if length < _NLMSG_HDR.size or offset + length > len(data):
-            raise ValueError("sock_diag: truncated message")
-        body = data[offset + _NLMSG_HDR.size : offset + length]
-        offset += (length + 3) & ~3
-        if kind == _NLMSG_ERROR:
-            code = struct.unpack_from("=i", body)[0] if len(body) >= 4 else -1
-            if code != 0:
-                raise ValueError(f"sock_diag: netlink error {code}")
-            continue
-        yield kind, body
-
-
-def _attrs(data: bytes) -> dict[int, bytes]:
-    attrs: dict[int, bytes] = {}
-    offset = 0
-    while offset + _RTA_HDR.size <= len(data):
-        length, kind = _RTA_HDR.unpack_from(data, offset)
-        if length < _RTA_HDR.size or offset + length > len(data):
-            raise ValueError("sock_diag: truncated attribute")
-        attrs[kind & 0x3FFF] = data[offset + _RTA_HDR.size : offset + length]
-        offset += (length + 3) & ~3
-    return attrs
