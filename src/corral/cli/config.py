@@ -17,7 +17,7 @@ from corral.cli.console import bad_input
 from corral.cli.options import JsonOpt
 
 if TYPE_CHECKING:
-    from typer import _click as click
+    from corral.cli.clicks import click
 
 SectionName = Literal["up", "node", "coordinator"]  # corral.cli.configured.SECTIONS
 
@@ -67,8 +67,7 @@ def config(
 
 def _settings(section: str, args: list[str]) -> dict[str, Any]:
     """{"command", "file", "settings": {key: {"value", "source", "where"}}} of one section."""
-    from typer import _click as click
-
+    from corral.cli.clicks import click
     from corral.cli.config_file import Applied
     from corral.cli.configured import META, NOT_IN_FILE, SECTIONS, command_for, file_key
 
@@ -93,7 +92,9 @@ def _settings(section: str, args: list[str]) -> dict[str, Any]:
 
 
 def _origin(ctx: click.Context, param: click.Parameter, applied: Any) -> tuple[str, str | None]:
-    from typer._click.core import ParameterSource
+    from corral.cli.clicks import click
+
+    ParameterSource = click.core.ParameterSource
 
     assert param.name
     source = ctx.get_parameter_source(param.name)

@@ -20,14 +20,9 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-
-# typer 0.28 carries its own click (pyproject pins typer below 0.29): its commands and options
-# are those classes, not the `click` package's.
-from typer import _click as click
-from typer._click import core as click_core
-from typer._click import types as click_types
 from typer.core import TyperGroup
 
+from corral.cli.clicks import click
 from corral.cli.console import error, fail
 
 if TYPE_CHECKING:
@@ -105,11 +100,11 @@ _PLURAL = {"bool": "booleans", "int": "integers", "float": "numbers", "str": "st
 
 
 def _kind(param: click.Parameter) -> str:
-    if isinstance(param.type, click_types.BoolParamType):
+    if isinstance(param.type, click.types.BoolParamType):
         return "bool"
-    if isinstance(param.type, click_types.IntParamType):
+    if isinstance(param.type, click.types.IntParamType):
         return "int"
-    if isinstance(param.type, click_types.FloatParamType):
+    if isinstance(param.type, click.types.FloatParamType):
         return "float"
     return "str"
 
@@ -205,7 +200,7 @@ def _check_section(
 ) -> list[ConfigError]:
     if not isinstance(table, dict):
         return [file.error((section,), f"expected a table [{section}], got {_describe(table)}")]
-    ctx = click_core.Context(commands(section))
+    ctx = click.core.Context(commands(section))
     keys = file_keys(commands(section))
     errors = []
     for name, value in table.items():
@@ -226,7 +221,7 @@ def _check_section(
 def _check_in(
     section: str, param: click.Parameter, value: object, commands: Commands
 ) -> str | None:
-    return check_value(param, value, click_core.Context(commands(section)))
+    return check_value(param, value, click.core.Context(commands(section)))
 
 
 def _unknown_top_level(key: str, shared: Mapping[str, object], commands: Commands) -> str:
@@ -291,7 +286,7 @@ def _loader(section: str) -> Callable[[typer.Context, typer.CallbackParam, str |
     def load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> str | None:
         if not ctx.resilient_parsing:  # shell completion reads no file
             source = ctx.get_parameter_source(param.name or "")
-            by = "CORRAL_CONFIG" if source is click_core.ParameterSource.ENVIRONMENT else "--config"
+            by = "CORRAL_CONFIG" if source is click.core.ParameterSource.ENVIRONMENT else "--config"
             apply_config(ctx, section, value, by)
         return value
 
