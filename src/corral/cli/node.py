@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -60,6 +61,14 @@ def node(
         str | None, typer.Option(help="Also register over HTTP with a dashboard at this URL.")
     ] = None,
     log_format: LogFormatOpt = "text",
+    warm: Annotated[
+        Path | None,
+        typer.Option(
+            help="A model (a file, hf:OWNER/REPO/FILE.gguf or OWNER/REPO:QUANT) to load into the"
+            " backend once at start, so its cache holds it: a coordinator's load of it then"
+            " sends a hash per large tensor instead of the tensor."
+        ),
+    ] = None,
 ) -> None:
     """Run beside ggml-rpc-server: supervise or attach to it, heartbeat, announce."""
     import asyncio
@@ -71,8 +80,16 @@ def node(
     from corral.node.run import NodeOptions, NodeOptionsError, check_bind_host, run_node
     from corral.store.errors import StateFileError
 
+    warm_file = None
+    if warm is not None:
+        from corral.cli.model_ref import fetch_with_bar, model_option
+
+        if not cache:
+            bad_input("--warm fills the backend's cache: it needs --cache")
+        local, fetch = model_option(warm, "--warm")
+        warm_file = local if fetch is None else fetch_with_bar(fetch, "--warm")
     binaries: LlamaBinaries | None = None
-    if not attach:
+    if not attach or warm_file is not None:
         try:
             binaries = find_binaries()
         except BinariesNotFound as exc:
@@ -90,6 +107,7 @@ def node(
         redis_url=redis,
         register_url=register,
         token=os.environ.get("CORRAL_TOKEN"),
+        warm=warm_file,
     )
     try:
         check_bind_host(opts.host, opts.allow_any_address)

@@ -33,6 +33,7 @@ from corral.llama.rpc_cache import (
 )
 from corral.llama.supervisor import Child, rpc_server_argv
 from corral.net.mdns import MdnsAnnouncer, encode_txt
+from corral.node.warm import Warmed, WarmError, warm_cache
 from corral.rpc.probe import Prober
 from corral.store.base import (
     DEFAULT_HEARTBEAT_S,
@@ -64,6 +65,8 @@ class NodeConfig:
     # Where others reach the backend, when `endpoint` binds every interface (0.0.0.0 or ::):
     # an unspecified address is a placeholder to every reader, so it is never published.
     advertise: Endpoint | None = None
+    # A model to load into the backend once at start, so its cache holds it (node/warm.py).
+    warm: Path | None = None
 
     @property
     def public(self) -> Endpoint:
@@ -101,6 +104,7 @@ class NodeAgent:
     _store_up: bool | None = field(default=None, init=False)
     _cache: CacheGauge | None = field(default=None, init=False)
     last: NodeRegistration | None = field(default=None, init=False)
+    warming: asyncio.Task[Warmed | None] | None = field(default=None, init=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -142,6 +146,9 @@ class NodeAgent:
             cache,
             self.config.heartbeat_s,
         )
+        if self.config.warm is not None:
+            # Beside the heartbeats: the node is registered (its backend busy) while it warms.
+            self.warming = asyncio.create_task(self._warm(self.config.warm))
         if self.config.mdns and _is_loopback(ep.host):
             log.info("node: %s is a loopback address; not announced by mDNS", ep.host)
         elif self.config.mdns:
@@ -151,6 +158,27 @@ class NodeAgent:
                 )
             except OSError as exc:
                 log.warning("node: mDNS unavailable (%s); announcing through the store only", exc)
+
+    async def _warm(self, model: Path) -> Warmed | None:
+        """Load `model` into the backend once so its cache holds it; None when it cannot."""
+        if self._cache is None or self.binaries is None:
+            log.warning("node: --warm needs the backend's cache (-c) and llama-server; skipped")
+            return None
+        try:
+            warmed = await warm_cache(
+                self.binaries.llama_server,
+                model,
+                self.config.endpoint,
+                self._cache.directory,
+                self.config.log_dir / f"warm-{self.config.endpoint.port}.log",
+                env=dict(os.environ),
+            )
+        except (WarmError, OSError) as exc:
+            await self._event(EventKind.WARNING, f"node: warming {model.name} failed: {exc}")
+            return None
+        log.info("node %s: %s with %s", self.config.node_id, warmed.describe(), model.name)
+        self._cache.refresh()
+        return warmed
 
     async def _cache_dir(self) -> Path | None:
         """The backend's cache directory: ours when we start it with `-c` (it inherits our
@@ -338,6 +366,10 @@ class NodeAgent:
                 await self.store.add_event(Event(kind, message, self.config.public))
 
     async def _end(self) -> None:
+        if self.warming is not None:  # its llama-server is stopped on the way out
+            self.warming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.warming
         if self._cache is not None:
             await self._cache.close()
         if self._announcer is not None:

@@ -9,6 +9,7 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
@@ -41,6 +42,7 @@ class NodeOptions:
     redis_url: str | None = None
     register_url: str | None = None
     token: str | None = None
+    warm: Path | None = None  # a model (local file) to load into the backend once at start
 
 
 def check_bind_host(host: str, allow_any: bool) -> None:
@@ -119,6 +121,7 @@ async def run_node(
         cache=opts.cache,
         heartbeat_s=opts.heartbeat_s,
         mdns=opts.mdns,
+        warm=opts.warm,
     )
     agent = NodeAgent(
         config, binaries, store, publishers, prober=Prober(timeout=probe_timeout(opts.heartbeat_s))

@@ -1,0 +1,98 @@
+"""`corral node --warm MODEL`: the node loads the model into its own backend once, so the
+backend's cache holds it, and a coordinator's later load of it hits the cache for every large
+tensor instead of sending it.
+
+Real processes: the node agent starts a real ggml-rpc-server with `-c` and warms it with a real
+llama-server over loopback; then another real llama-server loads the same model through that
+backend. A cache miss makes the backend write a new file (named by the tensor's hash), so the
+files after the real load are exactly the ones the warm-up wrote. The cache directory is
+LLAMA_CACHE under the test's tmp (conftest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from corral.endpoint import Endpoint
+from corral.llama.binaries import LlamaBinaries
+from corral.llama.model_shape import shape_for_size
+from corral.llama.tiny_model import write_tiny_model
+from corral.node.agent import NodeAgent, NodeConfig
+from corral.node.identity import node_id
+from corral.node.warm import WARM_CTX, warm_argv
+from tests.support.llama_server import running_llama_server
+from tests.support.loopback import free_port, next_loopback
+
+HEARTBEAT = 0.25
+MiB = 1024**2
+
+
+def test_the_warm_up_leaves_the_layers_to_llama_servers_fit() -> None:
+    argv = warm_argv(Path("/b/llama-server"), Path("/m.gguf"), Endpoint("10.0.0.2", 50052), 9)
+    assert argv[argv.index("--rpc") + 1] == "10.0.0.2:50052"
+    assert argv[argv.index("-c") + 1] == str(WARM_CTX)
+    assert "-ngl" not in argv  # an explicit one would abort a model larger than the backend
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def model_128(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    shape = shape_for_size(128 * MiB)  # its feed-forward tensors pass 10 MiB
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "m128.gguf", shape=shape)
+
+
+@pytest.fixture
+async def warming_agent(
+    llama_bins: LlamaBinaries, model_128: Path, tmp_path: Path
+) -> AsyncIterator[NodeAgent]:
+    host = next_loopback()
+    ep = Endpoint(host, free_port(host))
+    config = NodeConfig(
+        endpoint=ep,
+        node_id=node_id(tmp_path, ep.host, ep.port),
+        log_dir=tmp_path / "logs",
+        threads=1,
+        cache=True,
+        heartbeat_s=HEARTBEAT,
+        mdns=False,
+        cache_refresh_s=0.2,
+        warm=model_128,
+    )
+    agent = NodeAgent(config, llama_bins, None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(agent.run(stop))
+    try:
+        yield agent
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+@pytest.mark.llama
+async def test_a_warmed_backend_serves_a_later_load_from_its_cache(
+    warming_agent: NodeAgent, llama_bins: LlamaBinaries, model_128: Path, tmp_path: Path
+) -> None:
+    agent = warming_agent
+    where = Path(os.environ["LLAMA_CACHE"]) / "rpc"
+    for _ in range(1000):  # the task is created in the agent's first step
+        if agent.warming is not None:
+            break
+        await asyncio.sleep(0.01)
+    assert agent.warming is not None
+    warmed = await asyncio.wait_for(agent.warming, 120)
+    assert warmed is not None, "the warm-up failed (see the node's warm log)"
+    assert warmed.after.bytes > warmed.before.bytes
+    after_warm = {f.name: f.stat().st_size for f in where.iterdir()}
+    assert after_warm and sum(after_warm.values()) >= 10 * MiB
+    # The warm-up's llama-server is gone: the backend takes another client.
+    async with running_llama_server(
+        llama_bins, model_128, tmp_path, rpc_flag=[agent.config.endpoint], start_s=60
+    ):
+        pass
+    after_load = {f.name: f.stat().st_size for f in where.iterdir()}
+    assert after_load == after_warm, "the real load missed the cache for some tensor"
