@@ -25,6 +25,7 @@ from corral.llama.tiny_model import write_tiny_model
 from corral.node.agent import NodeAgent, NodeConfig
 from corral.node.identity import node_id
 from corral.node.warm import WARM_CTX, warm_argv
+from tests.support.corral_cli import corral, isolated_env
 from tests.support.llama_server import running_llama_server
 from tests.support.loopback import free_port, next_loopback
 
@@ -96,3 +97,11 @@ async def test_a_warmed_backend_serves_a_later_load_from_its_cache(
         pass
     after_load = {f.name: f.stat().st_size for f in where.iterdir()}
     assert after_load == after_warm, "the real load missed the cache for some tensor"
+
+
+async def test_warm_needs_the_cache_and_a_model_that_is_there(tmp_path: Path) -> None:
+    env = isolated_env(tmp_path / "state")
+    run = await corral("node", "--no-cache", "--warm", str(tmp_path / "m.gguf"), env=env)
+    assert run.code == 2 and "--warm fills the backend's cache: it needs --cache" in run.err
+    run = await corral("node", "--warm", str(tmp_path / "missing.gguf"), env=env)
+    assert run.code == 2 and "missing.gguf" in run.err, run.err
