@@ -312,6 +312,10 @@ class NodeAgent:
         return result.status, None
 
     async def _publish(self, reg: NodeRegistration) -> None:
+        # mDNS first: its update goes out while the store is written, so a reader who sees the
+        # new status in the store (a test in another namespace, a dashboard) then finds it on
+        # the network too, not the old announcement.
+        await self._announce(reg)
         if self.store is not None:
             try:
                 await self.store.register_node(reg)
@@ -323,30 +327,33 @@ class NodeAgent:
                 await publish(reg)
             except Exception as exc:
                 log.warning("node: heartbeat publish failed: %s", exc)
-        if self._announcer is not None:
-            devices = json.dumps(
-                [[d.index, d.free_bytes, d.total_bytes] for d in reg.devices],
-                separators=(",", ":"),
-            )
-            txt = encode_txt(
-                {
-                    "version": reg.version,
-                    "node_id": reg.node_id,
-                    "status": str(reg.status),
-                    "client": reg.client,
-                    "devices": devices,
-                }
-            )
-            if txt == self._announced:
-                return  # multicast only what changed; the records' own TTLs keep them alive
-            try:
-                await self._announcer.update(txt)
-            except Exception as exc:
-                log.warning("node: mDNS announce failed: %s", exc)
-                return
-            if self._announced is None:
-                log.info("node: announced %s on mDNS", self._announcer.name)
-            self._announced = txt
+
+    async def _announce(self, reg: NodeRegistration) -> None:
+        if self._announcer is None:
+            return
+        devices = json.dumps(
+            [[d.index, d.free_bytes, d.total_bytes] for d in reg.devices],
+            separators=(",", ":"),
+        )
+        txt = encode_txt(
+            {
+                "version": reg.version,
+                "node_id": reg.node_id,
+                "status": str(reg.status),
+                "client": reg.client,
+                "devices": devices,
+            }
+        )
+        if txt == self._announced:
+            return  # multicast only what changed; the records' own TTLs keep them alive
+        try:
+            await self._announcer.update(txt)
+        except Exception as exc:
+            log.warning("node: mDNS announce failed: %s", exc)
+            return
+        if self._announced is None:
+            log.info("node: announced %s on mDNS", self._announcer.name)
+        self._announced = txt
 
     def _report_store(self) -> None:
         """Say what the store noticed (Redis gone, back, entries dropped): it only collects."""
