@@ -2,7 +2,7 @@
 # Shared set-up for the README's two commands: a venv with Corral, the system packages each one
 # needs, and the llama.cpp binaries (built once, cached by version outside the repo).
 #   bash scripts/setup.sh           the main job (demo): build tools, Corral, llama.cpp
-#   bash scripts/setup.sh --tests   the test suite: also redis-server, chromium, iproute2 and the
+#   bash scripts/setup.sh --tests   the test suite: also redis-server, chromium, iproute2, systemd and the
 #                                   dev tools (pytest, ruff, mypy, playwright, build, ...)
 # Each phase installs only what is missing, so on a machine already set up it only checks; the
 # time of each phase is printed at the end.
@@ -29,6 +29,8 @@ if [[ "$want_tests" == "--tests" ]]; then
   command -v redis-server >/dev/null || need_apt+=(redis-server)
   command -v chromium >/dev/null || need_apt+=(chromium)
   command -v ip >/dev/null || need_apt+=(iproute2)
+  # systemd-analyze checks the units `corral service` writes (tests/test_service.py).
+  command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 fi
 if (( ${#need_apt[@]} )); then
   echo "setup: installing system packages: ${need_apt[*]}"

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RECORDER = '#!/bin/sh\necho "{name} $*" >> "{log}"\n{tail}'
 REAL_TOOLS = ("bash", "date", "awk", "sha256sum", "cut", "cat", "env", "id", "dirname")
-SYSTEM_TOOLS = ("cmake", "make", "g++", "redis-server", "chromium", "ip")
+SYSTEM_TOOLS = ("cmake", "make", "g++", "redis-server", "chromium", "ip", "systemd-analyze")
 
 
 class Machine:
@@ -90,7 +90,7 @@ def test_the_test_setup_adds_the_test_services_without_recommends(machine: Machi
     calls, _ = machine.run("--tests")
     assert apt_installs(calls) == [
         "apt-get install -y -q --no-install-recommends "
-        "cmake make g++ redis-server chromium iproute2"
+        "cmake make g++ redis-server chromium iproute2 systemd"
     ]
     assert "python -m pip install -q -e .[dev]" in calls
 
