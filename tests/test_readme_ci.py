@@ -20,7 +20,7 @@ def test_ci_runs_the_readme_test_command_and_nothing_else() -> None:
     assert commands == ["bash scripts/demo.sh", "bash scripts/test.sh"], commands
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     steps = [line.strip() for line in ci if line.strip() and not line.lstrip().startswith("#")]
-    # Strict mode and the move to the repository root, then the README's command and nothing else.
-    assert steps == ["set -euo pipefail", 'cd "$(dirname "$0")/.."', commands[1]], steps
+    # Strict mode, then the README's command and nothing else.
+    assert steps == ["set -euo pipefail", commands[1]], steps
     for command in commands:
         assert (ROOT / command.split()[1]).is_file(), command
