@@ -22,12 +22,11 @@ from corral.endpoint import Endpoint
 from corral.llama.binaries import LlamaBinaries
 from corral.llama.model_shape import shape_for_size
 from corral.llama.tiny_model import write_tiny_model
-from corral.node.agent import NodeAgent, NodeConfig
-from corral.node.identity import node_id
+from corral.node.agent import NodeAgent
 from corral.node.warm import WARM_CTX, warm_argv
 from tests.support.corral_cli import corral, isolated_env
 from tests.support.llama_server import running_llama_server
-from tests.support.loopback import free_port, next_loopback
+from tests.support.node_agents import cached_node
 
 HEARTBEAT = 0.25
 MiB = 1024**2
@@ -51,27 +50,10 @@ def model_128(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def warming_agent(
     llama_bins: LlamaBinaries, model_128: Path, tmp_path: Path
 ) -> AsyncIterator[NodeAgent]:
-    host = next_loopback()
-    ep = Endpoint(host, free_port(host))
-    config = NodeConfig(
-        endpoint=ep,
-        node_id=node_id(tmp_path, ep.host, ep.port),
-        log_dir=tmp_path / "logs",
-        threads=1,
-        cache=True,
-        heartbeat_s=HEARTBEAT,
-        mdns=False,
-        cache_refresh_s=0.2,
-        warm=model_128,
-    )
-    agent = NodeAgent(config, llama_bins, None)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    try:
+    async with cached_node(
+        llama_bins, tmp_path, None, heartbeat_s=HEARTBEAT, warm=model_128
+    ) as agent:
         yield agent
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 @pytest.mark.llama
@@ -80,12 +62,8 @@ async def test_a_warmed_backend_serves_a_later_load_from_its_cache(
 ) -> None:
     agent = warming_agent
     where = Path(os.environ["LLAMA_CACHE"]) / "rpc"
-    for _ in range(1000):  # the task is created in the agent's first step
-        if agent.warming is not None:
-            break
-        await asyncio.sleep(0.01)
-    assert agent.warming is not None
-    warmed = await asyncio.wait_for(agent.warming, 120)
+    await asyncio.wait_for(agent.warm_done.wait(), 120)
+    warmed = agent.warmed
     assert warmed is not None, "the warm-up failed (see the node's warm log)"
     assert warmed.after.bytes > warmed.before.bytes
     after_warm = {f.name: f.stat().st_size for f in where.iterdir()}

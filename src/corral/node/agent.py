@@ -105,6 +105,9 @@ class NodeAgent:
     _cache: CacheGauge | None = field(default=None, init=False)
     last: NodeRegistration | None = field(default=None, init=False)
     warming: asyncio.Task[Warmed | None] | None = field(default=None, init=False)
+    # Set once a --warm has ended (`warmed`: what it did, None if it failed or was skipped).
+    warm_done: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    warmed: Warmed | None = field(default=None, init=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -161,6 +164,13 @@ class NodeAgent:
 
     async def _warm(self, model: Path) -> Warmed | None:
         """Load `model` into the backend once so its cache holds it; None when it cannot."""
+        try:
+            self.warmed = await self._warm_once(model)
+        finally:
+            self.warm_done.set()
+        return self.warmed
+
+    async def _warm_once(self, model: Path) -> Warmed | None:
         if self._cache is None or self.binaries is None:
             log.warning("node: --warm needs the backend's cache (-c) and llama-server; skipped")
             return None
