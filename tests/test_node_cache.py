@@ -25,8 +25,7 @@ from corral.llama.model_shape import shape_for_size
 from corral.llama.rpc_cache import CacheGauge, CacheUsage, measure, rpc_cache_dir, uses_cache
 from corral.llama.supervisor import Child
 from corral.llama.tiny_model import write_tiny_model
-from corral.node.agent import NodeAgent, NodeConfig
-from corral.node.identity import node_id
+from corral.node.agent import NodeAgent
 from corral.store.base import NodeRegistration
 from corral.store.codec import CodecError, node_from_json, node_to_json
 from corral.store.sqlite import EmbeddedStore
@@ -36,6 +35,7 @@ from tests.support.clock import FakeClock
 from tests.support.corral_cli import corral_script, isolated_env
 from tests.support.llama_server import running_llama_server
 from tests.support.loopback import free_port, next_loopback
+from tests.support.node_agents import cached_node
 from tests.support.rpc_backends import StartRpc
 from tests.support.waiting import until
 
@@ -180,26 +180,10 @@ async def cached_agent(
     llama_bins: LlamaBinaries, tmp_path: Path
 ) -> AsyncIterator[tuple[NodeAgent, EmbeddedStore]]:
     store = await EmbeddedStore.open(tmp_path / "state.db")
-    host = next_loopback()
-    ep = Endpoint(host, free_port(host))
-    config = NodeConfig(
-        endpoint=ep,
-        node_id=node_id(tmp_path, ep.host, ep.port),
-        log_dir=tmp_path / "logs",
-        threads=1,
-        cache=True,
-        heartbeat_s=HEARTBEAT,
-        mdns=False,
-        cache_refresh_s=0.2,  # the default 30 s would make the test wait that long
-    )
-    agent = NodeAgent(config, llama_bins, store)
-    stop = asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
     try:
-        yield agent, store
+        async with cached_node(llama_bins, tmp_path, store, heartbeat_s=HEARTBEAT) as agent:
+            yield agent, store
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
         await store.close()
 
 
